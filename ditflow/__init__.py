@@ -1,0 +1,29 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DiTFlow: training-free video motion transfer on CogVideoX (Pondaven et al., CVPR 2025, arXiv 2412.07776).
+
+A plain library on torch + diffusers; it imports nothing from ComfyUI. The ComfyUI nodes in ``nodes/`` and the
+command line (``python -m ditflow``) are thin callers of it.
+
+Conventions (stated once here, reminded at each use)
+----------------------------------------------------
+- Positions are (x, y): x to the right, y down, origin at the top-left patch.
+- Displacements are in **patch-grid units**: 1 unit = 1 patch = 2 latent pixels = 16 video pixels.
+- Video tokens are frame-major, then row-major with width fastest: ``idx = f·S + y·w + x`` with ``S = h·w``.
+  Inside a transformer block the sequence is ``[text; video]``, text first.
+- Latents are diffusers' ``[B, F, C, H, W]`` (frames before channels) and **scaled** (× VAE scaling factor)
+  everywhere in ``ditflow/``. ComfyUI's LATENT is ``[B, C, T, H, W]`` and **raw** (unscaled VAE space);
+  :func:`ditflow.layout.to_comfy_latent` / :func:`ditflow.layout.from_comfy_latent` convert, called by the
+  nodes only.
+- Video frames are ``[F, 3, H, W]`` in [-1, 1] in the library (what the VAE takes); ComfyUI IMAGE is
+  ``[T, H, W, 3]`` in [0, 1]. Frame counts are 4k+1 (latent frames = (frames − 1)/4 + 1).
+- Defaults of the method live once, in :class:`ditflow.config.GuidanceConfig`.
+- User-facing failures raise :class:`ditflow.errors.DiTFlowError` with one readable sentence.
+
+Importing this package is cheap: it does not import diffusers or transformers; the modules that need them do.
+"""
+
+from .config import GuidanceConfig, Mode
+from .errors import DiTFlowError
+
+__all__ = ["DiTFlowError", "GuidanceConfig", "Mode"]
+__version__ = "0.1.0"

@@ -1,0 +1,128 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Guidance settings: the paper's defaults live here, once (DiTFlow §4.3, §5.1, Alg. 1).
+
+Docstrings elsewhere point to :class:`GuidanceConfig` instead of repeating numbers, so they cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+from .errors import DiTFlowError
+
+
+class Mode(str, enum.Enum):
+    """What the guidance optimises (§4.3).
+
+    ``latent``: the noisy latent z_t itself (DiTFlow-z_t, best motion fidelity).
+    ``rope``: trainable RoPE cos/sin tables, separate for Q and K (DiTFlow-ρ_t on CogVideoX-5b).
+    ``posemb``: trainable video slice of the additive sin-cos table (DiTFlow-ρ_t on CogVideoX-2b).
+    ``none``: no optimisation: the backbone, or the "Injection" baseline when KV injection is on.
+    """
+
+    LATENT = "latent"
+    ROPE = "rope"
+    POSEMB = "posemb"
+    NONE = "none"
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        """``"latent"`` → ``Mode.LATENT``; raises :class:`DiTFlowError` naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise DiTFlowError(f"Unknown guidance mode {value!r}; choose one of {choices}.") from None
+
+
+#: Paper's guidance block per model family (§5.1: block 20 on 5B; 15 on 2B).
+DEFAULT_GUIDANCE_BLOCK = {"2b": 15, "5b": 20}
+
+#: Scheduler defaults per family, as in the CogVideoX model cards (static CFG 6 on 2B, dynamic CFG on 5B).
+DEFAULT_CFG = {"2b": (6.0, False), "5b": (6.0, True)}
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """Every knob of guided sampling, with the paper's defaults.
+
+    Attributes:
+        mode: what is optimised, see :class:`Mode`.
+        guidance_blocks: transformer blocks whose attention gives the AMF; ``()`` means the family default
+            (:data:`DEFAULT_GUIDANCE_BLOCK`). Several blocks average their losses (§5.3 ablation {10, 15, 20}).
+        temperature: τ multiplying the head-averaged logits before the softmax (Eq. 3; authors' ``motion_temp`` = 2).
+        guidance_fraction: T_opt, the leading fraction of denoising steps that are guided (paper: 20 %).
+        opt_steps: K_opt, Adam iterations per guided step, each with a fresh Adam (paper: 5).
+        lr_start, lr_end: learning rate, linear over the guided steps; the last guided step uses exactly
+            ``lr_end`` (the authors' script stops at 0.0011 by an off-by-one).
+        kv_injection_blocks: blocks where the generated video K/V are replaced by the noised reference's
+            during guided steps (§3 "KV injection"; authors' default block 0); ``()`` turns injection off.
+        num_inference_steps: denoising steps (paper: 50).
+        guidance_scale: classifier-free guidance weight w; ``None`` means the family default (:data:`DEFAULT_CFG`).
+        dynamic_cfg: cosine-ramped CFG as diffusers does for 5B; ``None`` means the family default.
+        gradient_checkpointing: recompute block activations in the backward of optimisation passes.
+    """
+
+    mode: Mode = Mode.LATENT
+    guidance_blocks: tuple[int, ...] = ()
+    temperature: float = 2.0
+    guidance_fraction: float = 0.2
+    opt_steps: int = 5
+    lr_start: float = 2e-3
+    lr_end: float = 1e-3
+    kv_injection_blocks: tuple[int, ...] = (0,)
+    num_inference_steps: int = 50
+    guidance_scale: float | None = None
+    dynamic_cfg: bool | None = None
+    gradient_checkpointing: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        object.__setattr__(self, "guidance_blocks", tuple(int(b) for b in self.guidance_blocks))
+        object.__setattr__(self, "kv_injection_blocks", tuple(int(b) for b in self.kv_injection_blocks))
+        if self.num_inference_steps < 1:
+            raise DiTFlowError(f"steps must be at least 1, got {self.num_inference_steps}.")
+        if not 0.0 <= self.guidance_fraction <= 1.0:
+            raise DiTFlowError(f"guidance fraction must be in [0, 1], got {self.guidance_fraction}.")
+        if self.opt_steps < 0:
+            raise DiTFlowError(f"optimisation steps must be >= 0, got {self.opt_steps}.")
+        if self.temperature <= 0:
+            raise DiTFlowError(f"temperature must be > 0, got {self.temperature}.")
+        if self.lr_start < 0 or self.lr_end < 0:
+            raise DiTFlowError(f"learning rates must be >= 0, got {self.lr_start} → {self.lr_end}.")
+
+    @property
+    def num_guided_steps(self) -> int:
+        """Number of leading denoising steps that are guided: round(T_opt · steps)."""
+        return int(round(self.guidance_fraction * self.num_inference_steps))
+
+    def learning_rate(self, guided_step: int) -> float:
+        """Learning rate at guided step ``guided_step`` (0-based): linear, ``lr_start`` first, ``lr_end`` last."""
+        n = self.num_guided_steps
+        if n <= 1:
+            return self.lr_start
+        return self.lr_start + (self.lr_end - self.lr_start) * guided_step / (n - 1)
+
+    def resolved(self, family: str, num_blocks: int) -> GuidanceConfig:
+        """Fill the family defaults and check blocks against the model; raises :class:`DiTFlowError`."""
+        blocks = self.guidance_blocks or (DEFAULT_GUIDANCE_BLOCK[family],)
+        cfg, dyn = DEFAULT_CFG[family]
+        for name, group in (("guidance block", blocks), ("KV injection block", self.kv_injection_blocks)):
+            for b in group:
+                if not 0 <= b < num_blocks:
+                    raise DiTFlowError(
+                        f"{name} {b} is out of range: this model has blocks 0..{num_blocks - 1}; pick one in range."
+                    )
+        if self.mode is Mode.ROPE and family != "5b":
+            raise DiTFlowError("mode 'rope' needs a RoPE model (CogVideoX-5b); use 'posemb' on CogVideoX-2b.")
+        if self.mode is Mode.POSEMB and family != "2b":
+            raise DiTFlowError("mode 'posemb' needs a sin-cos model (CogVideoX-2b); use 'rope' on CogVideoX-5b.")
+        return dataclasses.replace(
+            self,
+            guidance_blocks=tuple(sorted(set(blocks))),
+            kv_injection_blocks=tuple(sorted(set(self.kv_injection_blocks))),
+            guidance_scale=cfg if self.guidance_scale is None else self.guidance_scale,
+            dynamic_cfg=dyn if self.dynamic_cfg is None else self.dynamic_cfg,
+        )

@@ -1,0 +1,98 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Layout conversions at the library boundary: latents and frames (see the conventions in ``ditflow/__init__``).
+
+The nodes call these and nothing else converts layouts, so each convention changes in exactly one place.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .errors import DiTFlowError
+
+#: CogVideoX VAE compression: 4× in time (frames 4k+1 → k+1), 8× in space; the transformer patch is 2×2 latent px.
+TEMPORAL_COMPRESSION = 4
+SPATIAL_COMPRESSION = 8
+PATCH_SIZE = 2
+#: Pixel size of one patch-grid unit (8 × 2).
+PIXELS_PER_PATCH = SPATIAL_COMPRESSION * PATCH_SIZE
+
+
+def latent_frames(num_frames: int) -> int:
+    """Latent frames for ``num_frames`` video frames: (frames − 1)/4 + 1; raises if frames is not 4k+1."""
+    check_frame_count(num_frames)
+    return (num_frames - 1) // TEMPORAL_COMPRESSION + 1
+
+
+def video_frames(num_latent_frames: int) -> int:
+    """Video frames decoded from ``num_latent_frames`` latent frames: 4·(f − 1) + 1."""
+    return (num_latent_frames - 1) * TEMPORAL_COMPRESSION + 1
+
+
+def check_frame_count(num_frames: int) -> None:
+    """Raises :class:`DiTFlowError` unless ``num_frames`` is 4k+1 (CogVideoX's VAE needs it; 49 is native)."""
+    if num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION:
+        lo = max(1, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
+        raise DiTFlowError(
+            f"frame count {num_frames} is not of the form 4k+1 that CogVideoX needs; use {lo} or {lo + 4} (49 is native)."
+        )
+
+
+def check_size(height: int, width: int) -> None:
+    """Raises :class:`DiTFlowError` unless height and width are positive multiples of 16 px (one patch)."""
+    for name, v in (("height", height), ("width", width)):
+        if v < PIXELS_PER_PATCH or v % PIXELS_PER_PATCH:
+            raise DiTFlowError(
+                f"{name} {v} px is not a positive multiple of {PIXELS_PER_PATCH} (8× VAE × 2× patch); "
+                f"use {max(PIXELS_PER_PATCH, v // PIXELS_PER_PATCH * PIXELS_PER_PATCH)}."
+            )
+
+
+def token_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """(F, h, w) token grid of a video of ``num_frames`` × ``height`` × ``width`` px, e.g. 49×480×720 → (13, 30, 45)."""
+    check_size(height, width)
+    return latent_frames(num_frames), height // PIXELS_PER_PATCH, width // PIXELS_PER_PATCH
+
+
+def from_comfy_latent(samples: Tensor, scaling_factor: float) -> Tensor:
+    """ComfyUI LATENT ``[B, C, T, H, W]`` raw → diffusers ``[B, F, C, H, W]`` scaled (× ``scaling_factor``)."""
+    if samples.ndim != 5:
+        raise DiTFlowError(
+            f"expected a video LATENT of shape [B, C, T, H, W], got shape {list(samples.shape)}; "
+            "connect the output of DiTFlow Encode Reference or the sampler."
+        )
+    return samples.permute(0, 2, 1, 3, 4).contiguous() * scaling_factor
+
+
+def to_comfy_latent(latents: Tensor, scaling_factor: float) -> Tensor:
+    """diffusers ``[B, F, C, H, W]`` scaled → ComfyUI LATENT ``[B, C, T, H, W]`` raw (÷ ``scaling_factor``)."""
+    return (latents / scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def image_to_frames(image: Tensor) -> Tensor:
+    """ComfyUI IMAGE ``[T, H, W, 3]`` in [0, 1] → frames ``[T, 3, H, W]`` in [-1, 1] (float32)."""
+    if image.ndim != 4 or image.shape[-1] != 3:
+        raise DiTFlowError(
+            f"expected an IMAGE batch of shape [frames, H, W, 3], got shape {list(image.shape)}; "
+            "connect frames from a video loader."
+        )
+    return image.permute(0, 3, 1, 2).float() * 2.0 - 1.0
+
+
+def frames_to_image(frames: Tensor) -> Tensor:
+    """Frames ``[T, 3, H, W]`` in [-1, 1] → ComfyUI IMAGE ``[T, H, W, 3]`` in [0, 1] (float32, clamped)."""
+    return ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+
+
+__all__ = [
+    "PIXELS_PER_PATCH",
+    "check_frame_count",
+    "check_size",
+    "from_comfy_latent",
+    "frames_to_image",
+    "image_to_frames",
+    "latent_frames",
+    "to_comfy_latent",
+    "token_grid",
+    "video_frames",
+]
