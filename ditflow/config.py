@@ -37,6 +37,15 @@ class Mode(str, enum.Enum):
             raise DiTFlowError(f"Unknown guidance mode {value!r}; choose one of {choices}.") from None
 
 
+def check_blocks(blocks, num_blocks: int, what: str = "guidance block") -> tuple[int, ...]:
+    """Sorted unique block indices, each in 0..num_blocks−1; raises :class:`DiTFlowError` naming the range."""
+    blocks = tuple(sorted({int(b) for b in blocks}))
+    for b in blocks:
+        if not 0 <= b < num_blocks:
+            raise DiTFlowError(f"{what} {b} is out of range: this model has blocks 0..{num_blocks - 1}; pick one in range.")
+    return blocks
+
+
 #: Paper's guidance block per model family (§5.1: block 20 on 5B; 15 on 2B).
 DEFAULT_GUIDANCE_BLOCK = {"2b": 15, "5b": 20}
 
@@ -109,20 +118,14 @@ class GuidanceConfig:
         """Fill the family defaults and check blocks against the model; raises :class:`DiTFlowError`."""
         blocks = self.guidance_blocks or (DEFAULT_GUIDANCE_BLOCK[family],)
         cfg, dyn = DEFAULT_CFG[family]
-        for name, group in (("guidance block", blocks), ("KV injection block", self.kv_injection_blocks)):
-            for b in group:
-                if not 0 <= b < num_blocks:
-                    raise DiTFlowError(
-                        f"{name} {b} is out of range: this model has blocks 0..{num_blocks - 1}; pick one in range."
-                    )
         if self.mode is Mode.ROPE and family != "5b":
             raise DiTFlowError("mode 'rope' needs a RoPE model (CogVideoX-5b); use 'posemb' on CogVideoX-2b.")
         if self.mode is Mode.POSEMB and family != "2b":
             raise DiTFlowError("mode 'posemb' needs a sin-cos model (CogVideoX-2b); use 'rope' on CogVideoX-5b.")
         return dataclasses.replace(
             self,
-            guidance_blocks=tuple(sorted(set(blocks))),
-            kv_injection_blocks=tuple(sorted(set(self.kv_injection_blocks))),
+            guidance_blocks=check_blocks(blocks, num_blocks),
+            kv_injection_blocks=check_blocks(self.kv_injection_blocks, num_blocks, "KV injection block"),
             guidance_scale=cfg if self.guidance_scale is None else self.guidance_scale,
             dynamic_cfg=dyn if self.dynamic_cfg is None else self.dynamic_cfg,
         )

@@ -1,0 +1,160 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Command line: ``python -m ditflow {transfer,inject} ...``; ``--help`` on each documents every option.
+
+Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Mode
+from .errors import DiTFlowError
+
+_DEFAULTS = GuidanceConfig()
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    """'20' or '10,15,20' → (10, 15, 20); 'none' or '' → ()."""
+    if text.strip().lower() in ("", "none", "off"):
+        return ()
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected block numbers like 20 or 10,15,20, got {text!r}") from None
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="diffusers-format CogVideoX folder (model_index.json, transformer/, "
+                   "vae/, text_encoder/, tokenizer/, scheduler/) or a hub id where the hub is reachable")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="model precision (default bf16; the 2B weights are fp16); optimised tensors are fp32 anyway")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    g.add_argument("--no-vae-tiling", action="store_true", help="decode/encode without VAE tiling (more memory)")
+    g.add_argument("--vae-slicing", action="store_true", help="VAE slicing (less memory for batches)")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", required=True, help="target prompt")
+    g.add_argument("--negative-prompt", default="", help="negative prompt (default empty, as diffusers)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise; bit-reproducible on CPU (default 0)")
+    if steps:
+        g.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
+                       help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
+    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 6)")
+    g.add_argument("--dynamic-cfg", choices=["on", "off"], default=None,
+                   help="cosine-ramped CFG (default: on for 5B, off for 2B, as diffusers)")
+    g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the reference's "
+                   "fps divided by the stride; 8 for inject)")
+    g.add_argument("--out", required=True, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ditflow", description="DiTFlow motion transfer on CogVideoX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("transfer", help="re-create a reference video's motion with a new prompt",
+                       description="Motion transfer: writes result.mp4, reference.mp4, run.json and, for modes "
+                       "rope/posemb, embeds.safetensors into --out.")
+    _add_model_args(t)
+    r = t.add_argument_group("reference video")
+    r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
+    r.add_argument("--num-frames", type=int, default=49, help="frames to use, 4k+1 (default 49, the models' native)")
+    r.add_argument("--height", type=int, default=480, help="height in px, multiple of 16 (default 480)")
+    r.add_argument("--width", type=int, default=720, help="width in px, multiple of 16 (default 720)")
+    r.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
+    r.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
+    r.add_argument("--resize", default="crop", choices=["crop", "stretch", "pad"],
+                   help="fit to the size by centre crop keeping aspect (default), stretch, or pad")
+    r.add_argument("--reference-sample-seed", type=int, default=None,
+                   help="encode the reference with a seeded posterior sample instead of the posterior mean")
+    _add_sampling_args(t, steps=True)
+    g = t.add_argument_group("guidance (paper defaults: DiTFlow §4.3, §5.1)")
+    g.add_argument("--mode", default=_DEFAULTS.mode.value, choices=[m.value for m in Mode],
+                   help="latent: optimise z_t (best motion); rope: RoPE tables (5B), posemb: sin-cos table (2B) — "
+                   "both saved for reuse with 'inject'; none: no optimisation ('backbone' with --kv-injection none, "
+                   "the 'injection only' baseline with KV injection on). Default latent")
+    g.add_argument("--guidance-blocks", type=_ints, default=(),
+                   help=f"block(s) whose attention gives the AMF, e.g. 20 or 10,15,20 (default "
+                   f"{DEFAULT_GUIDANCE_BLOCK['5b']} on 5B, {DEFAULT_GUIDANCE_BLOCK['2b']} on 2B)")
+    g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
+                   help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
+    g.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
+                   help=f"leading fraction of steps that are guided (default {_DEFAULTS.guidance_fraction})")
+    g.add_argument("--opt-steps", type=int, default=_DEFAULTS.opt_steps,
+                   help=f"Adam iterations per guided step (default {_DEFAULTS.opt_steps})")
+    g.add_argument("--lr-start", type=float, default=_DEFAULTS.lr_start, help=f"default {_DEFAULTS.lr_start}")
+    g.add_argument("--lr-end", type=float, default=_DEFAULTS.lr_end,
+                   help=f"learning rate of the last guided step (default {_DEFAULTS.lr_end})")
+    g.add_argument("--kv-injection", type=_ints, default=_DEFAULTS.kv_injection_blocks,
+                   help="block(s) where the reference K/V replace the generated ones during guided steps "
+                   "(default 0); 'none' turns KV injection off")
+    g.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more memory")
+
+    i = sub.add_parser("inject", help="generate with saved positional embeddings and a new prompt (no reference)",
+                       description="Zero-shot injection of embeddings saved by 'transfer --mode rope|posemb': writes "
+                       "result.mp4 and run.json into --out. Steps and size come from the embeddings file.")
+    _add_model_args(i)
+    i.add_argument("--embeds", required=True, help="embeds.safetensors written by 'transfer'")
+    _add_sampling_args(i, steps=False)
+    return parser
+
+
+class _Progress:
+    """Prints one line per denoising step (and per Adam iteration) to stderr."""
+
+    def __call__(self, info: dict) -> None:
+        step, n = info["step"] + 1, info["num_steps"]
+        if info["iteration"] is None:
+            loss = "" if info["loss"] is None else f"  last AMF loss {info['loss']:.5f}"
+            print(f"step {step}/{n}  t={info['timestep']}{loss}", file=sys.stderr, flush=True)
+        else:
+            print(f"  step {step}/{n} opt {info['iteration'] + 1}: loss {info['loss']:.5f}", file=sys.stderr, flush=True)
+
+
+def _model_options(args):
+    from .jobs import ModelOptions
+
+    kw = dict(path=args.model, dtype=args.dtype, vae_tiling=not args.no_vae_tiling, vae_slicing=args.vae_slicing)
+    if args.device:
+        kw["device"] = args.device
+    return ModelOptions(**kw)
+
+
+def _cfg_kwargs(args) -> dict:
+    return dict(guidance_scale=args.cfg, dynamic_cfg=None if args.dynamic_cfg is None else args.dynamic_cfg == "on")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import jobs
+
+    try:
+        if args.command == "transfer":
+            config = GuidanceConfig(
+                mode=args.mode, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
+                guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps, lr_start=args.lr_start,
+                lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
+                gradient_checkpointing=not args.no_gradient_checkpointing, **_cfg_kwargs(args),
+            )
+            reference = jobs.ReferenceOptions(
+                num_frames=args.num_frames, height=args.height, width=args.width, start=args.start,
+                stride=args.stride, resize=args.resize, sample_seed=args.reference_sample_seed,
+            )
+            jobs.transfer(_model_options(args), args.video, args.prompt, args.out, negative_prompt=args.negative_prompt,
+                          reference=reference, config=config, seed=args.seed, fps=args.fps, callback=_Progress())
+        else:
+            config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), **_cfg_kwargs(args))
+            jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, negative_prompt=args.negative_prompt,
+                        config=config, seed=args.seed, fps=args.fps or 8.0, callback=_Progress())
+    except DiTFlowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    print(f"wrote {args.out}", file=sys.stderr)
+    return 0

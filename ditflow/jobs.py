@@ -1,0 +1,203 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Whole jobs on files: ``transfer`` (reference video → guided generation) and ``inject`` (saved embeddings →
+zero-shot generation). The CLI calls these; the ComfyUI nodes call the same steps one by one.
+
+Outputs are written only once everything succeeded, each file atomically, so a failed or cancelled job leaves no
+half-finished file behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .config import GuidanceConfig, Mode
+from .embeds import load_embeds, save_embeds
+from .errors import DiTFlowError
+from .layout import video_frames
+from .reference import decode_latents, encode_video, extract_reference, reference_without_amf
+from .sampler import Callback, SampleResult, sample
+from .text import encode_prompt
+from .video import load_video, prepare_reference, write_video
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """How to load the model: a diffusers-format folder (or hub id), dtype, device, VAE memory savers."""
+
+    path: str
+    dtype: str = "bf16"
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    vae_tiling: bool = True
+    vae_slicing: bool = False
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """Which frames of the reference video, at which size (video pixels, 4k+1 frames)."""
+
+    num_frames: int = 49
+    height: int = 480
+    width: int = 720
+    start: int = 0
+    stride: int = 1
+    resize: str = "crop"
+    sample_seed: int | None = None  # None: posterior mean
+
+
+def _write_json(path: Path, data: dict) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".json.part", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict) -> dict:
+    return {
+        "job": kind,
+        "ditflow_version": __version__,
+        "torch_version": torch.__version__,
+        "platform": platform.platform(),
+        "settings": settings,
+        "guidance": {k: (v.value if isinstance(v, Mode) else v) for k, v in dataclasses.asdict(config).items()},
+        "loss_per_step": result.losses,
+        "timings_s": {**timings, **{f"sample.{k}": v for k, v in result.timings.items()}},
+    }
+
+
+def _load(options: ModelOptions):
+    from .loading import load_cogvideox
+
+    return load_cogvideox(
+        options.path, dtype=options.dtype, device=options.device,
+        vae_tiling=options.vae_tiling, vae_slicing=options.vae_slicing,
+    )
+
+
+def transfer(
+    model: ModelOptions,
+    video: str | os.PathLike,
+    prompt: str,
+    out_dir: str | os.PathLike,
+    *,
+    negative_prompt: str = "",
+    reference: ReferenceOptions = ReferenceOptions(),
+    config: GuidanceConfig = GuidanceConfig(),
+    seed: int = 0,
+    fps: float | None = None,
+    callback: Callback | None = None,
+) -> dict:
+    """Motion transfer end to end; writes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
+    ``rope``/``posemb``, ``embeds.safetensors`` into ``out_dir``. Returns the run record (``run.json``'s content).
+
+    Raises:
+        DiTFlowError: any bad input (video, sizes, frames, blocks, model), before the model is loaded if possible.
+    """
+    timings = {}
+    tic = time.perf_counter()
+    frames, src_fps = load_video(video)
+    ref_frames = prepare_reference(
+        frames, height=reference.height, width=reference.width, num_frames=reference.num_frames,
+        start=reference.start, stride=reference.stride, resize=reference.resize,
+    )
+    timings["read_video"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    cog = _load(model)
+    timings["load_model"] = time.perf_counter() - tic
+    resolved = config.resolved(cog.family, cog.num_blocks)
+
+    tic = time.perf_counter()
+    embeds_text = encode_prompt(cog, prompt, negative_prompt)
+    timings["encode_prompt"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
+    timings["encode_reference"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    if resolved.mode is not Mode.NONE:
+        motion = extract_reference(cog, ref_latents, resolved.guidance_blocks, temperature=resolved.temperature)
+    else:  # backbone or injection only: no AMF pass (the authors' script runs one anyway)
+        motion = reference_without_amf(cog, ref_latents) if resolved.kv_injection_blocks else None
+    timings["extract_amf"] = time.perf_counter() - tic
+
+    result = sample(cog, embeds_text, resolved, seed=seed, reference=motion, callback=callback)
+    tic = time.perf_counter()
+    out_frames = decode_latents(cog, result.latents)
+    timings["decode"] = time.perf_counter() - tic
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    out_fps = fps or src_fps / reference.stride
+    write_video(out / "result.mp4", out_frames, out_fps)
+    write_video(out / "reference.mp4", ref_frames, out_fps)
+    if result.embeds is not None:
+        result.embeds.reference = Path(video).name
+        save_embeds(out / "embeds.safetensors", result.embeds)
+    settings = {
+        "model": dataclasses.asdict(model), "model_family": cog.family, "video": str(video), "prompt": prompt,
+        "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference), "seed": seed, "fps": out_fps,
+        "frames_written": int(out_frames.shape[0]),
+    }
+    record = _record("transfer", settings, resolved, result, timings)
+    _write_json(out / "run.json", record)
+    return record
+
+
+def inject(
+    model: ModelOptions,
+    embeds_path: str | os.PathLike,
+    prompt: str,
+    out_dir: str | os.PathLike,
+    *,
+    negative_prompt: str = "",
+    config: GuidanceConfig = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=()),
+    seed: int = 0,
+    fps: float = 8.0,
+    callback: Callback | None = None,
+) -> dict:
+    """Zero-shot generation with saved positional embeddings and a new prompt (no reference, no optimisation).
+
+    The number of steps is the embeddings' (they are tied to its timesteps); ``config`` supplies CFG settings.
+
+    Writes ``result.mp4`` and ``run.json`` into ``out_dir``; returns the run record.
+    """
+    timings = {}
+    embeds = load_embeds(embeds_path)
+    tic = time.perf_counter()
+    cog = _load(model)
+    timings["load_model"] = time.perf_counter() - tic
+    # Injection replays the saved steps, so the schedule is the embeddings' own.
+    config = dataclasses.replace(
+        config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
+    )
+    tic = time.perf_counter()
+    text = encode_prompt(cog, prompt, negative_prompt)
+    timings["encode_prompt"] = time.perf_counter() - tic
+    result = sample(cog, text, config, seed=seed, embeds=embeds, callback=callback)
+    tic = time.perf_counter()
+    frames = decode_latents(cog, result.latents)
+    timings["decode"] = time.perf_counter() - tic
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_video(out / "result.mp4", frames, fps)
+    settings = {
+        "model": dataclasses.asdict(model), "model_family": cog.family, "embeds": str(embeds_path),
+        "embeds_prompt": embeds.prompt, "embeds_reference": embeds.reference, "prompt": prompt,
+        "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
+        "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
+    }
+    record = _record("inject", settings, config, result, timings)
+    _write_json(out / "run.json", record)
+    return record
+
+
+__all__ = ["ModelOptions", "ReferenceOptions", "inject", "transfer", "DiTFlowError"]

@@ -1,0 +1,138 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The reference video's side of DiTFlow: VAE encode/decode and the reference AMF (§4.1–4.2, Alg. 1 line 1).
+
+Differs from the authors' script (method.md §6): the reference is encoded deterministically (posterior mean, or
+a seeded sample), the AMF grid is the run's own (no hard-coded 6×30×45), and the AMF pass is skipped entirely
+when no guidance needs it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .amf import attention_motion_flow
+from .attention import AttentionController, controlled_attention
+from .config import check_blocks
+from .errors import DiTFlowError
+from .forward import forward_until
+from .positions import owned_sincos, rope_tables, sincos_table
+from .text import encode_prompt
+
+# ---------------------------------------------------------------------------------------------------------------------
+# VAE
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Tensor:
+    """Frames ``[F, 3, H, W]`` in [-1, 1] → scaled latents ``[1, (F−1)/4+1, C, H/8, W/8]`` (diffusers layout).
+
+    Uses the posterior mean, or a sample drawn with ``torch.Generator().manual_seed(sample_seed)`` — reproducible
+    either way (the authors' script samples without a generator).
+    """
+    vae = model.vae
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    x = frames.to(device, dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+    with torch.inference_mode(False):
+        dist = vae.encode(x).latent_dist
+        if sample_seed is None:
+            z = dist.mode()
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(sample_seed)
+            noise = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(device, dist.mean.dtype)
+            z = dist.mean + dist.std * noise
+    return (z * model.vae_scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+@torch.no_grad()
+def decode_latents(model, latents: Tensor) -> Tensor:
+    """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU."""
+    vae = model.vae
+    device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    z = (latents.to(device, dtype) / model.vae_scaling_factor).permute(0, 2, 1, 3, 4)
+    with torch.inference_mode(False):
+        video = vae.decode(z).sample  # [1, 3, F, H, W]
+    return video[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference AMF
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ReferenceMotion:
+    """What guidance needs from the reference video.
+
+    Attributes:
+        amf: guidance block → hard reference AMF ``[F², S, 2]``, (dx, dy) in patch-grid units; pair ``i·F + j``.
+        grid: token grid (F, h, w) of the reference latents.
+        temperature: τ used for the reference (the generated AMF uses the same).
+        latents: the scaled reference latents ``[1, F, C, H, W]``, kept for KV injection (noised per step).
+    """
+
+    amf: dict[int, Tensor]
+    grid: tuple[int, int, int]
+    temperature: float
+    latents: Tensor
+
+    @property
+    def blocks(self) -> tuple[int, ...]:
+        return tuple(sorted(self.amf))
+
+
+def reference_without_amf(model, latents: Tensor) -> ReferenceMotion:
+    """A reference that serves KV injection only (modes ``none``): no AMF pass is run for it."""
+    return ReferenceMotion(amf={}, grid=latent_grid(model, latents), temperature=0.0, latents=latents.detach().cpu())
+
+
+def latent_grid(model, latents: Tensor) -> tuple[int, int, int]:
+    """(F, h, w) token grid of scaled latents ``[B, F, C, H, W]``; raises if H or W is odd (not whole patches)."""
+    if latents.ndim != 5:
+        raise DiTFlowError(f"expected latents of shape [B, F, C, H, W], got {list(latents.shape)}.")
+    _, frames, _, height, width = latents.shape
+    p = model.patch_size
+    if height % p or width % p:
+        raise DiTFlowError(f"latent size {height}×{width} is not a multiple of the patch size {p}; use 16-px multiples.")
+    return frames, height // p, width // p
+
+
+def capture_qk(
+    model, latents: Tensor, text_embeds: Tensor, timestep: Tensor, blocks, controller_kwargs=None, **forward_kwargs
+) -> dict[int, tuple[Tensor, Tensor]]:
+    """One truncated pass that returns block → (q, k) of the video tokens, each ``[B, heads, n, head_dim]``."""
+    controller = AttentionController(capture_blocks=frozenset(blocks), stop_block=max(blocks), **(controller_kwargs or {}))
+    with controlled_attention(model.transformer, controller):
+        forward_until(model.transformer, controller, latents, text_embeds, timestep, **forward_kwargs)
+    return controller.captured
+
+
+@torch.no_grad()
+def extract_reference(model, latents: Tensor, blocks, *, temperature: float = 2.0) -> ReferenceMotion:
+    """Reference AMF at ``blocks``: one pass at timestep 0 with the empty prompt, no CFG (§4.2).
+
+    Args:
+        latents: scaled reference latents ``[1, F, C, H, W]`` from :func:`encode_video`.
+        blocks: guidance block indices (see :class:`~ditflow.config.GuidanceConfig`).
+        temperature: τ (Eq. 3).
+    Raises:
+        DiTFlowError: a block out of range or latents of the wrong shape.
+    """
+    blocks = check_blocks(blocks, model.num_blocks)
+    if not blocks:
+        raise DiTFlowError("at least one guidance block is needed to extract the reference AMF.")
+    grid = latent_grid(model, latents)
+    transformer = model.transformer
+    device, dtype = transformer.device, transformer.dtype
+    empty = encode_prompt(model, "").cond.to(device, dtype)
+    with torch.inference_mode(False):
+        z = latents.to(device, dtype).clone()
+        rope = rope_tables(transformer, grid, device) if model.family == "5b" else None
+        table = sincos_table(transformer, grid).to(device) if model.family == "2b" else None
+        with owned_sincos(transformer, lambda: table):
+            qk = capture_qk(model, z, empty, torch.zeros(1, device=device, dtype=torch.long), blocks, image_rotary_emb=rope)
+        amf = {b: attention_motion_flow(q[0], k[0], grid, temperature=temperature, hard=True).cpu() for b, (q, k) in qk.items()}
+    return ReferenceMotion(amf=amf, grid=grid, temperature=temperature, latents=latents.detach().cpu())
