@@ -1,0 +1,272 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Video I/O on PyAV: load a reference clip, fit it to the model's frame count and size, write results as mp4.
+
+Frames are ``[T, 3, H, W]`` float32 in [-1, 1] (the library convention, see ``ditflow/__init__``); frame counts
+handed to the model are 4k+1 and sizes multiples of 16 px, checked by :mod:`ditflow.layout`. No ComfyUI imports:
+the nodes convert IMAGE with :func:`ditflow.layout.image_to_frames` and call :func:`prepare_reference` on that.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import uuid
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import DiTFlowError
+from .layout import TEMPORAL_COMPRESSION, check_frame_count, check_size
+
+#: How :func:`prepare_reference` fits a clip to the target size: cover and centre-crop, plain resize, or fit and
+#: pad with black.
+RESIZE_MODES = ("crop", "stretch", "pad")
+#: Image files read from a frame folder (case-insensitive), in natural name order.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+#: Frame rate given to a folder of frames, which carries none (CogVideoX's native rate).
+FOLDER_FPS = 8.0
+#: Encoders tried by :func:`write_video`, best first; the PyPI ``av`` wheels ship libx264.
+_ENCODERS = ("libx264", "h264", "mpeg4")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
+    """Decoded frame → ``[H, W, 3]`` uint8 RGB, turned upright per its display matrix (phone clips)."""
+    rgb = frame.to_ndarray(format="rgb24")
+    quarter_turns = round((frame.rotation or 0) / 90) % 4  # both count counter-clockwise
+    return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
+
+
+def _decode(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
+    """All (or the first ``max_frames``) frames of the first video stream of ``path``, and its frame rate."""
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DiTFlowError(f"{path} has no video stream; pass a video file (mp4, webm, mov, mkv, gif).")
+            stream = container.streams.video[0]
+            rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+            frames = []
+            for frame in container.decode(stream):
+                frames.append(_to_rgb(frame))
+                if max_frames is not None and len(frames) >= max_frames:
+                    break
+    except av.FFmpegError as e:
+        raise DiTFlowError(
+            f"could not read {path} as video or image ({e.__class__.__name__}: {e.strerror or e}); "
+            "check that the file is complete, or re-encode it to h264 mp4."
+        ) from e
+    return frames, float(rate) if rate else FOLDER_FPS
+
+
+def _natural_key(name: str) -> list:
+    """Sort key that puts ``frame2.png`` before ``frame10.png``."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def _read_folder(folder: Path, max_frames: int | None) -> list[np.ndarray]:
+    """The image files of ``folder`` in natural name order, each decoded with PyAV as one RGB frame."""
+    files = sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
+        key=lambda p: _natural_key(p.name),
+    )[:max_frames]
+    if not files:
+        raise DiTFlowError(
+            f"folder {folder} holds no image frames; put the frames there as {', '.join(IMAGE_SUFFIXES)} files."
+        )
+    frames = []
+    for file in files:
+        decoded, _ = _decode(file, 1)
+        if not decoded:
+            raise DiTFlowError(f"image frame {file} decodes to nothing; replace or delete it.")
+        frames.append(decoded[0])
+    return frames
+
+
+def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tuple[Tensor, float]:
+    """Decode a video file (mp4, webm, mov, mkv, gif, ...) or a folder of image frames (alpha is dropped).
+
+    Args:
+        path: a video file, or a folder of png/jpg/webp frames taken in natural name order (``2`` before ``10``).
+        max_frames: stop after this many frames (``None``: all); bounds memory on long clips, which cost
+            T·H·W·12 bytes as float32 (49 frames at 720×480 ≈ 200 MB).
+    Returns:
+        (frames ``[T, 3, H, W]`` float32 in [-1, 1], frames per second); a folder has :data:`FOLDER_FPS`.
+        Frames with rotation metadata are turned upright.
+    Raises:
+        DiTFlowError: if the path is missing, unreadable or corrupt, has no video stream or no frames, is an
+            empty folder, or holds frames of different sizes.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        where = "" if path.is_absolute() else f" (relative paths start at {Path.cwd()})"
+        raise DiTFlowError(f"video {path} does not exist; check the path{where}.")
+    if max_frames is not None and max_frames < 1:
+        raise DiTFlowError(f"max_frames must be at least 1 or None, got {max_frames}.")
+    if path.is_dir():
+        frames, fps = _read_folder(path, max_frames), FOLDER_FPS
+    else:
+        frames, fps = _decode(path, max_frames)
+    if not frames:
+        raise DiTFlowError(f"{path} decodes to zero frames; check the file or re-encode it.")
+    sizes = {f.shape for f in frames}
+    if len(sizes) > 1:
+        raise DiTFlowError(
+            f"frames of {path} differ in size ({sorted(s[1::-1] for s in sizes)} as W×H); resize them to one size."
+        )
+    rgb = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
+    return rgb.float().div_(127.5).sub_(1.0), fps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting a clip to the model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _resize(frames: Tensor, height: int, width: int) -> Tensor:
+    if tuple(frames.shape[-2:]) == (height, width):
+        return frames
+    return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+
+
+def prepare_reference(
+    frames: Tensor,
+    *,
+    height: int,
+    width: int,
+    num_frames: int = 49,
+    start: int = 0,
+    stride: int = 1,
+    resize: str = "crop",
+) -> Tensor:
+    """Pick ``num_frames`` frames (``start``, ``start + stride``, ...) and fit them to ``height`` × ``width``.
+
+    Args:
+        frames: ``[T, 3, H, W]`` in [-1, 1], from :func:`load_video` or :func:`ditflow.layout.image_to_frames`.
+        height, width: target size in px, positive multiples of 16.
+        num_frames: frames to keep, 4k+1 (49 is CogVideoX's native length).
+        start: index of the first frame kept (0-based).
+        stride: step between kept frames (1 keeps consecutive frames, 2 every other one: faster motion).
+        resize: one of :data:`RESIZE_MODES`: ``"crop"`` scales (aspect kept) to cover the target and centre-crops,
+            ``"stretch"`` resizes to the target ignoring aspect, ``"pad"`` fits inside and pads with black (-1).
+    Returns:
+        ``[num_frames, 3, height, width]`` float32 in [-1, 1], on the device of ``frames``. Bilinear, antialiased.
+    Raises:
+        DiTFlowError: on a bad shape, frame count, size, start, stride or mode, or if the clip is too short
+            (the message gives the largest num_frames and stride that fit).
+    """
+    if frames.ndim != 4 or frames.shape[1] != 3:
+        raise DiTFlowError(
+            f"expected frames of shape [T, 3, H, W], got {list(frames.shape)}; load them with load_video."
+        )
+    check_frame_count(num_frames)
+    check_size(height, width)
+    if resize not in RESIZE_MODES:
+        raise DiTFlowError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}.")
+    if start < 0 or stride < 1:
+        raise DiTFlowError(f"start must be ≥ 0 and stride ≥ 1, got start={start}, stride={stride}.")
+    total = frames.shape[0]
+    available = (total - 1 - start) // stride + 1 if start < total else 0
+    if available < num_frames:
+        fit = (available - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1 if available else 0
+        hint = f"num_frames={fit}" if fit else "an earlier start"
+        max_stride = (total - 1 - start) // (num_frames - 1) if num_frames > 1 and start < total else 0
+        if max_stride >= 1:
+            hint += f" or stride={max_stride}"
+        raise DiTFlowError(
+            f"the reference clip has {total} frames, and from frame {start} with stride {stride} it gives at most "
+            f"{available}, fewer than num_frames={num_frames}; use {hint}, or a longer clip."
+        )
+    clip = frames[start : start + (num_frames - 1) * stride + 1 : stride].float()
+    src_h, src_w = clip.shape[-2:]
+    if resize == "stretch":
+        out = _resize(clip, height, width)
+    elif resize == "crop":
+        scale = max(height / src_h, width / src_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+        top, left = (new_h - height) // 2, (new_w - width) // 2
+        out = _resize(clip, new_h, new_w)[..., top : top + height, left : left + width]
+    else:  # pad
+        scale = min(height / src_h, width / src_w)
+        new_h, new_w = max(1, min(height, round(src_h * scale))), max(1, min(width, round(src_w * scale)))
+        top, left = (height - new_h) // 2, (width - new_w) // 2
+        pads = (left, width - new_w - left, top, height - new_h - top)
+        out = F.pad(_resize(clip, new_h, new_w), pads, value=-1.0)
+    return out.clamp(-1.0, 1.0).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _encoder() -> str:
+    for name in _ENCODERS:
+        try:
+            av.codec.Codec(name, "w")
+            return name
+        except (av.FFmpegError, ValueError):
+            continue
+    raise DiTFlowError(f"this PyAV build has none of the encoders {', '.join(_ENCODERS)}; reinstall av from PyPI.")
+
+
+def _to_uint8(frames: Tensor) -> np.ndarray:
+    """``[T, 3, H, W]`` in [-1, 1] → ``[T, H, W, 3]`` uint8 (clamped, rounded)."""
+    rgb = ((frames.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return rgb.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
+    """Write frames as an h264 (yuv420p) mp4, atomically: a temporary file in the same folder is renamed at the end.
+
+    Args:
+        path: output file; its folder is created if missing; an existing file is replaced only on success.
+        frames: ``[T, 3, H, W]`` in [-1, 1] (clamped), H and W even (yuv420p halves chroma; ours are ×16).
+        fps: frames per second, > 0.
+    Returns:
+        the path written. The encoder is libx264 at CRF 18 (near-transparent), else h264 or mpeg4.
+    Raises:
+        DiTFlowError: on a bad shape, odd size, fps ≤ 0 or an encoding failure; no partial file is left behind.
+    """
+    path = Path(path).expanduser()
+    if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
+        raise DiTFlowError(f"expected frames of shape [T, 3, H, W] with T ≥ 1, got {list(frames.shape)}.")
+    height, width = frames.shape[-2:]
+    if height % 2 or width % 2:
+        raise DiTFlowError(f"cannot write {width}×{height} px as yuv420p h264, which needs even sizes; crop or resize.")
+    if not fps > 0:
+        raise DiTFlowError(f"fps must be positive, got {fps}.")
+    codec = _encoder()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")  # same folder: os.replace is atomic
+    try:
+        with av.open(str(tmp), "w", format="mp4") as container:
+            stream = container.add_stream(codec, rate=Fraction(float(fps)).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            # Tag what swscale does so players don't guess: BT.601 matrix (6), limited range (1), BT.709 primaries
+            # and transfer (1; sRGB shares the primaries); values are FFmpeg's AVCOL_* enums.
+            cc = stream.codec_context
+            cc.colorspace, cc.color_range, cc.color_primaries, cc.color_trc = 6, 1, 1, 1
+            if codec == "libx264":
+                stream.options = {"crf": "18"}
+            for rgb in _to_uint8(frames):
+                container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+            container.mux(stream.encode(None))  # flush delayed frames
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, av.FFmpegError):
+            raise DiTFlowError(f"could not write {path} ({e}); check the folder is writable and has space.") from e
+        raise
+    return path
+
+
+__all__ = ["FOLDER_FPS", "IMAGE_SUFFIXES", "RESIZE_MODES", "load_video", "prepare_reference", "write_video"]
