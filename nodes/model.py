@@ -1,0 +1,61 @@
+# SPDX-License-Identifier: Apache-2.0
+"""ComfyUI's handle on a loaded CogVideoX: the library bundle plus one ``ModelPatcher`` per component.
+
+The diffusers / transformers modules stay plain library objects (``ditflow.loading.CogVideoX``); this glue lets
+ComfyUI's memory manager move them: :meth:`DiTFlowModel.use` asks ``load_models_gpu`` to bring the named
+components to the compute device (evicting other models if needed) before a node calls the library, and ComfyUI
+offloads them again when something else needs the memory.
+
+Each module is wrapped in a tiny :class:`_Carrier` because ``ModelPatcher`` assigns ``model.device``, which is a
+read-only property on diffusers and transformers models.
+"""
+
+from __future__ import annotations
+
+import torch
+
+#: Component → (load device getter, offload device getter) names in ``comfy.model_management``.
+_DEVICES = {
+    "transformer": ("get_torch_device", "unet_offload_device"),
+    "vae": ("vae_device", "vae_offload_device"),
+    "text_encoder": ("get_torch_device", "text_encoder_offload_device"),
+}
+
+
+class _Carrier(torch.nn.Module):
+    """Holds one library module as ``inner`` and a writable ``device`` for ``ModelPatcher``."""
+
+    def __init__(self, inner: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = inner
+        self.device = device
+
+
+class DiTFlowModel:
+    """A loaded CogVideoX (``bundle``) and the ``ModelPatcher`` of each of its three networks (``patchers``)."""
+
+    def __init__(self, bundle):
+        import comfy.model_management as mm
+        import comfy.model_patcher
+
+        self.bundle = bundle
+        self.patchers = {}
+        for name, (load, offload) in _DEVICES.items():
+            module = getattr(bundle, name)
+            if module is None:
+                continue
+            offload_device = getattr(mm, offload)()
+            self.patchers[name] = comfy.model_patcher.ModelPatcher(
+                _Carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
+            )
+
+    def use(self, *names: str):
+        """Loads the named components onto their compute device (fully: plain torch layers cannot be split) and
+        returns the bundle for the library call."""
+        import comfy.model_management as mm
+
+        mm.load_models_gpu([self.patchers[n] for n in names], force_full_load=True)
+        return self.bundle
+
+    def __repr__(self) -> str:
+        return f"DiTFlowModel({self.bundle.family}, {self.bundle.path}, {self.bundle.dtype})"

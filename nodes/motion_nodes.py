@@ -1,0 +1,113 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The reference side: encode the reference video, extract its AMF, visualise it (ditflow.reference, .visualize)."""
+
+from __future__ import annotations
+
+from .model_nodes import MODEL_TOOLTIP
+
+
+class DiTFlowEncodeReference:
+    CATEGORY = "DiTFlow/motion"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("LATENT", "IMAGE")
+    RETURN_NAMES = ("latent", "frames")
+    OUTPUT_TOOLTIPS = (
+        "Reference video latent [1, C, (frames − 1)/4 + 1, height/8, width/8], raw VAE space.",
+        "The frames that were encoded, after frame selection and resizing (for checking or preview).",
+    )
+    DESCRIPTION = "Picks 4k+1 frames of the reference video, fits them to the target size and VAE-encodes them."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("COGVIDEOX", {"tooltip": MODEL_TOOLTIP}),
+            "images": ("IMAGE", {"tooltip": "Reference video frames (GetVideoComponents or VHS_LoadVideo)."}),
+            "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "Target width in px, a "
+                      "multiple of 16 (CogVideoX native: 720)."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Target height in px, "
+                       "a multiple of 16 (CogVideoX native: 480)."}),
+            "num_frames": ("INT", {"default": 49, "min": 1, "max": 1025, "tooltip": "Frames to use, of the form "
+                           "4k+1 (CogVideoX native: 49 = 13 latent frames)."}),
+            "start": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Index of the first frame used "
+                      "(0-based)."}),
+            "stride": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Step between used frames: 1 keeps "
+                       "consecutive frames, 2 every other one (faster motion)."}),
+            "resize": (["crop", "stretch", "pad"], {"default": "crop", "tooltip": "crop: cover the size and "
+                       "centre-crop; stretch: ignore the aspect ratio; pad: fit inside and pad with black."}),
+        }}
+
+    def encode(self, model, images, width, height, num_frames, start, stride, resize):
+        import comfy.model_management as mm
+        from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent
+        from ditflow.reference import encode_video
+        from ditflow.video import prepare_reference
+
+        frames = prepare_reference(image_to_frames(images), height=height, width=width, num_frames=num_frames,
+                                   start=start, stride=stride, resize=resize)
+        bundle = model.use("vae")
+        latents = to_comfy_latent(encode_video(bundle, frames), bundle.vae_scaling_factor)
+        return ({"samples": latents.float().to(mm.intermediate_device())}, frames_to_image(frames))
+
+
+class DiTFlowExtractAMF:
+    CATEGORY = "DiTFlow/motion"
+    FUNCTION = "extract"
+    RETURN_TYPES = ("DITFLOW_AMF",)
+    RETURN_NAMES = ("amf",)
+    OUTPUT_TOOLTIPS = ("The reference's Attention Motion Flow (per frame pair, a displacement per patch) and its "
+                       "latents, for the DiTFlow Guided Sampler.",)
+    DESCRIPTION = "Reads the reference video's motion as Attention Motion Flow at one transformer block (§4.2)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("COGVIDEOX", {"tooltip": MODEL_TOOLTIP}),
+            "reference": ("LATENT", {"tooltip": "Encoded reference video from DiTFlow Encode Reference."}),
+            "block": ("INT", {"default": 20, "min": 0, "max": 99, "tooltip": "Transformer block whose attention gives "
+                      "the AMF (0-based). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
+            "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "τ scaling "
+                            "the attention logits before the softmax (Eq. 3); paper: 2. The sampler uses the same."}),
+        }}
+
+    def extract(self, model, reference, block, temperature):
+        from ditflow.layout import from_comfy_latent
+        from ditflow.reference import extract_reference
+
+        bundle = model.use("transformer", "text_encoder")
+        latents = from_comfy_latent(reference["samples"], bundle.vae_scaling_factor)
+        return (extract_reference(bundle, latents, [block], temperature=temperature),)
+
+
+class DiTFlowVisualizeAMF:
+    CATEGORY = "DiTFlow/motion"
+    FUNCTION = "render"
+    RETURN_TYPES = ("IMAGE", "IMAGE")
+    RETURN_NAMES = ("colors", "arrows")
+    OUTPUT_TOOLTIPS = (
+        "Displacement field as a colour wheel: hue = direction, saturation = length (white = still).",
+        "One arrow per patch from its centre to where it moves, over the query frame (grey without frames).",
+    )
+    DESCRIPTION = "Draws the AMF between query frame i and key frame j as a colour-wheel flow image and as arrows."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "amf": ("DITFLOW_AMF", {"tooltip": "From DiTFlow Extract AMF."}),
+                "query_frame": ("INT", {"default": 0, "min": 0, "max": 1000, "tooltip": "Latent frame i whose patches "
+                                "move (0-based; latent frame f shows video frame 4f; 13 latent frames at 49 frames)."}),
+                "key_frame": ("INT", {"default": 1, "min": 0, "max": 1000, "tooltip": "Latent frame j they move to."}),
+                "arrow_stride": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Draw every n-th patch's "
+                                 "arrow (1 patch = 16 px)."}),
+            },
+            "optional": {
+                "frames": ("IMAGE", {"tooltip": "Reference frames (e.g. Encode Reference's frames) drawn under the "
+                           "arrows."}),
+            },
+        }
+
+    def render(self, amf, query_frame, key_frame, arrow_stride, frames=None):
+        from ditflow.visualize import render_amf
+
+        colors, arrows = render_amf(amf, query_frame, key_frame, frames=frames, arrow_stride=arrow_stride)
+        return (colors[None], arrows[None])

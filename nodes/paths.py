@@ -1,0 +1,81 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Model and embeddings folders registered with ComfyUI's ``folder_paths`` (also mappable in extra_model_paths.yaml).
+
+- ``CogVideo``: ``models/CogVideo/<name>/`` diffusers folders (the key and layout kijai's CogVideoXWrapper uses).
+- ``ditflow_embeds``: ``models/ditflow_embeds/`` and ``output/ditflow/`` (where DiTFlow Save Embeds writes).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ditflow import DiTFlowError
+
+MODELS_KEY = "CogVideo"
+EMBEDS_KEY = "ditflow_embeds"
+EMBEDS_EXTENSIONS = {".safetensors"}
+
+
+def register() -> None:
+    """Idempotent: adds the default folders (after any from extra_model_paths.yaml)."""
+    import folder_paths
+
+    folder_paths.add_model_folder_path(MODELS_KEY, os.path.join(folder_paths.models_dir, "CogVideo"))
+    folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.models_dir, "ditflow_embeds"))
+    folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.get_output_directory(), "ditflow"))
+    paths, extensions = folder_paths.folder_names_and_paths[EMBEDS_KEY]
+    if not extensions:
+        folder_paths.folder_names_and_paths[EMBEDS_KEY] = (paths, set(EMBEDS_EXTENSIONS))
+
+
+def _is_model_folder(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, "model_index.json")) or os.path.isfile(
+        os.path.join(path, "transformer", "config.json")
+    )
+
+
+def model_folders() -> list[str]:
+    """Names of the CogVideoX folders (with model_index.json or transformer/config.json) in every CogVideo path."""
+    import folder_paths
+
+    register()
+    names = set()
+    for root in folder_paths.get_folder_paths(MODELS_KEY):
+        if os.path.isdir(root):
+            names.update(n for n in os.listdir(root) if _is_model_folder(os.path.join(root, n)))
+    return sorted(names)
+
+
+def model_path(name: str) -> str:
+    """Full path of the CogVideoX folder ``name``; raises :class:`DiTFlowError` naming the searched folders."""
+    import folder_paths
+
+    register()
+    roots = folder_paths.get_folder_paths(MODELS_KEY)
+    for root in roots:
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            return path
+    raise DiTFlowError(
+        f"model folder {name!r} was not found in {', '.join(roots)}; put a diffusers CogVideoX-2b/-5b folder there "
+        "(see the DiTFlow README) and refresh."
+    )
+
+
+def embeds_files() -> list[str]:
+    import folder_paths
+
+    register()
+    return folder_paths.get_filename_list(EMBEDS_KEY)
+
+
+def embeds_path(name: str) -> str:
+    import folder_paths
+
+    register()
+    path = folder_paths.get_full_path(EMBEDS_KEY, name)
+    if path is None:
+        raise DiTFlowError(
+            f"embeddings file {name!r} was not found in {', '.join(folder_paths.get_folder_paths(EMBEDS_KEY))}."
+        )
+    return path

@@ -1,0 +1,102 @@
+# SPDX-License-Identifier: Apache-2.0
+"""DiTFlow Guided Sampler: one call to ``ditflow.sampler.sample`` with a progress/cancel callback."""
+
+from __future__ import annotations
+
+from .model_nodes import MODEL_TOOLTIP
+
+
+def _progress(num_steps: int):
+    """A ``sample`` callback: ticks ComfyUI's progress bar per denoising step, logs the AMF loss and lets a cancel
+    from the UI stop the optimisation loop (the library restores the model in ``finally``)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    bar = comfy.utils.ProgressBar(num_steps)
+
+    def callback(info: dict) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        if info["iteration"] is None:
+            bar.update_absolute(info["step"] + 1, info["num_steps"])
+        elif info["loss"] is not None:
+            print(f"[DiTFlow] step {info['step'] + 1}/{info['num_steps']} (t={info['timestep']}) "
+                  f"iteration {info['iteration'] + 1}: AMF loss {info['loss']:.6f}")
+
+    return callback
+
+
+class DiTFlowGuidedSampler:
+    CATEGORY = "DiTFlow/sampling"
+    FUNCTION = "sample"
+    RETURN_TYPES = ("LATENT", "DITFLOW_EMBEDS")
+    RETURN_NAMES = ("latent", "embeds")
+    OUTPUT_TOOLTIPS = (
+        "Generated video latent [1, C, T, H, W] (raw VAE space) for CogVideoX Decode.",
+        "Optimised positional embeddings (modes rope/posemb) for DiTFlow Save Embeds; empty in other modes.",
+    )
+    DESCRIPTION = "Generates a CogVideoX video whose motion follows the reference AMF (DiTFlow Alg. 1)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("COGVIDEOX", {"tooltip": MODEL_TOOLTIP}),
+                "conditioning": ("COGVIDEOX_CONDITIONING", {"tooltip": "From CogVideoX Text Encode (DiTFlow)."}),
+                "mode": (["latent", "rope", "posemb", "none"], {"default": "latent", "tooltip": "What guidance "
+                         "optimises: latent = the noisy latent z_t (best motion fidelity); rope = RoPE tables "
+                         "(CogVideoX-5b, saves embeddings); posemb = sin-cos positions (CogVideoX-2b); none = no "
+                         "optimisation: with an AMF and kv_injection on it is the 'Injection' baseline, without "
+                         "them the plain backbone."}),
+                "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (paper: 50). "
+                          "With embeddings connected their own step count is used."}),
+                "cfg": ("FLOAT", {"default": 6.0, "min": 0.0, "max": 30.0, "step": 0.1, "tooltip": "Classifier-free "
+                        "guidance scale (CogVideoX: 6; ramped by dynamic CFG on -5b). ≤ 1 turns CFG off."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                         "tooltip": "Seed of the initial noise (and the scheduler's noise)."}),
+                "guidance_fraction": ("FLOAT", {"default": 0.2, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                                      "T_opt: leading fraction of the steps that are guided (paper: 0.2 = 10 of 50)."}),
+                "opt_steps": ("INT", {"default": 5, "min": 0, "max": 100, "tooltip": "K_opt: Adam iterations per "
+                              "guided step (paper: 5). Each costs a forward and backward pass up to the block."}),
+                "lr_start": ("FLOAT", {"default": 0.002, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip":
+                             "Adam learning rate at the first guided step (paper: 0.002), linear to lr_end."}),
+                "lr_end": ("FLOAT", {"default": 0.001, "min": 0.0, "max": 1.0, "step": 0.0001, "tooltip":
+                           "Adam learning rate at the last guided step (paper: 0.001)."}),
+                "kv_injection": ("BOOLEAN", {"default": True, "tooltip": "During guided steps, replace the video "
+                                 "keys/values at kv_block by the noised reference's (needs an AMF input; paper: on)."}),
+                "kv_block": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "Block for KV injection "
+                             "(0-based; authors' default 0)."}),
+                "num_frames": ("INT", {"default": 49, "min": 1, "max": 1025, "tooltip": "Video frames (4k+1); used "
+                               "only when neither an AMF nor embeddings fix the size."}),
+                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in px "
+                          "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
+                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in px "
+                           "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
+            },
+            "optional": {
+                "amf": ("DITFLOW_AMF", {"tooltip": "Reference motion from DiTFlow Extract AMF: needed by modes "
+                        "latent/rope/posemb and by KV injection."}),
+                "embeds": ("DITFLOW_EMBEDS", {"tooltip": "Saved positional embeddings (DiTFlow Load Embeds) to "
+                           "inject zero-shot with a new prompt: no AMF needed, no optimisation."}),
+            },
+        }
+
+    def sample(self, model, conditioning, mode, steps, cfg, seed, guidance_fraction, opt_steps, lr_start, lr_end,
+               kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None):
+        import comfy.model_management as mm
+        from ditflow import GuidanceConfig
+        from ditflow.layout import to_comfy_latent
+        from ditflow.sampler import sample
+
+        if embeds is not None:
+            steps = embeds.num_inference_steps  # injection replays the saved steps
+        config = GuidanceConfig(
+            mode=mode, num_inference_steps=steps, guidance_scale=cfg, guidance_fraction=guidance_fraction,
+            opt_steps=opt_steps, lr_start=lr_start, lr_end=lr_end, kv_injection_blocks=(kv_block,) if kv_injection else (),
+            temperature=amf.temperature if amf is not None and amf.amf else 2.0,
+        )
+        size = None if (amf is not None or embeds is not None) else (num_frames, height, width)
+        bundle = model.use("transformer")
+        result = sample(bundle, conditioning, config, size=size, seed=seed, reference=amf, embeds=embeds,
+                        callback=_progress(steps))
+        latent = {"samples": to_comfy_latent(result.latents, bundle.vae_scaling_factor).to(mm.intermediate_device())}
+        return (latent, result.embeds)

@@ -1,0 +1,154 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Minimal stand-ins for the ComfyUI modules the nodes touch, so node tests run without ComfyUI.
+
+:func:`install` puts ``folder_paths``, ``comfy``, ``comfy.model_management``, ``comfy.model_patcher`` and
+``comfy.utils`` into ``sys.modules`` (a fixture removes them again). The stubs record what the nodes ask of them:
+``load_models_gpu`` calls, the devices each ``ModelPatcher`` was given and progress updates. Setting
+``model_management.INTERRUPT = True`` makes the next ``throw_exception_if_processing_interrupted()`` raise, as a
+cancel from the UI does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import torch
+
+NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils")
+
+
+class InterruptProcessingException(Exception):
+    """What ComfyUI raises on cancel."""
+
+
+def _folder_paths(base: str) -> types.ModuleType:
+    fp = types.ModuleType("folder_paths")
+    fp.base_path = base
+    fp.models_dir = os.path.join(base, "models")
+    fp.output_directory = os.path.join(base, "output")
+    fp.folder_names_and_paths = {}
+
+    def add_model_folder_path(name, path, is_default=False):
+        if name in fp.folder_names_and_paths:
+            paths = fp.folder_names_and_paths[name][0]
+            if path not in paths:
+                paths.insert(0, path) if is_default else paths.append(path)
+        else:
+            fp.folder_names_and_paths[name] = ([path], set())
+
+    def get_folder_paths(name):
+        return list(fp.folder_names_and_paths[name][0])
+
+    def get_filename_list(name):
+        paths, exts = fp.folder_names_and_paths[name]
+        out = set()
+        for root in paths:
+            for dirpath, _, files in os.walk(root):
+                for f in files:
+                    if not exts or os.path.splitext(f)[1].lower() in exts:
+                        out.add(os.path.relpath(os.path.join(dirpath, f), root))
+        return sorted(out)
+
+    def get_full_path(name, filename):
+        for root in fp.folder_names_and_paths.get(name, ([], None))[0]:
+            path = os.path.join(root, filename)
+            if os.path.isfile(path):
+                return path
+        return None
+
+    def get_save_image_path(prefix, output_dir, width=0, height=0):
+        subfolder = os.path.dirname(os.path.normpath(prefix))
+        name = os.path.basename(os.path.normpath(prefix))
+        folder = os.path.join(output_dir, subfolder)
+        if os.path.commonpath((output_dir, os.path.abspath(folder))) != output_dir:
+            raise Exception("**** ERROR: Saving image outside the output folder is not allowed.")
+        os.makedirs(folder, exist_ok=True)
+        counter = 1 + sum(1 for f in os.listdir(folder) if f.startswith(name + "_"))
+        return folder, name, counter, subfolder, prefix
+
+    fp.add_model_folder_path = add_model_folder_path
+    fp.get_folder_paths = get_folder_paths
+    fp.get_filename_list = get_filename_list
+    fp.get_full_path = get_full_path
+    fp.get_save_image_path = get_save_image_path
+    fp.get_output_directory = lambda: fp.output_directory
+    return fp
+
+
+def _model_management() -> types.ModuleType:
+    mm = types.ModuleType("comfy.model_management")
+    cpu = torch.device("cpu")
+    mm.INTERRUPT = False
+    mm.loaded = []  # one list of patchers per load_models_gpu call
+    mm.InterruptProcessingException = InterruptProcessingException
+    for name in ("get_torch_device", "unet_offload_device", "text_encoder_device", "text_encoder_offload_device",
+                 "vae_device", "vae_offload_device", "intermediate_device"):
+        setattr(mm, name, lambda: cpu)
+
+    def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                        force_full_load=False):
+        mm.loaded.append((list(models), force_full_load))
+
+    def throw_exception_if_processing_interrupted():
+        if mm.INTERRUPT:
+            mm.INTERRUPT = False
+            raise InterruptProcessingException()
+
+    mm.load_models_gpu = load_models_gpu
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    return mm
+
+
+def _model_patcher() -> types.ModuleType:
+    mp = types.ModuleType("comfy.model_patcher")
+
+    class ModelPatcher:
+        def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+            self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+    mp.ModelPatcher = ModelPatcher
+    return mp
+
+
+def _utils() -> types.ModuleType:
+    ut = types.ModuleType("comfy.utils")
+    ut.updates = []  # (value, total) of every update_absolute
+
+    class ProgressBar:
+        def __init__(self, total, node_id=None):
+            self.total, self.current = total, 0
+
+        def update_absolute(self, value, total=None, preview=None):
+            self.total = total if total is not None else self.total
+            self.current = min(value, self.total)
+            ut.updates.append((self.current, self.total))
+
+        def update(self, value):
+            self.update_absolute(self.current + value)
+
+    ut.ProgressBar = ProgressBar
+    return ut
+
+
+def install(base: str) -> dict[str, types.ModuleType]:
+    """Installs the stubs with ``base`` as ComfyUI's base folder (models/, output/ below it); returns them."""
+    comfy = types.ModuleType("comfy")
+    mods = {
+        "folder_paths": _folder_paths(base),
+        "comfy": comfy,
+        "comfy.model_management": _model_management(),
+        "comfy.model_patcher": _model_patcher(),
+        "comfy.utils": _utils(),
+    }
+    comfy.model_management = mods["comfy.model_management"]
+    comfy.model_patcher = mods["comfy.model_patcher"]
+    comfy.utils = mods["comfy.utils"]
+    sys.modules.update(mods)
+    return mods
+
+
+def uninstall() -> None:
+    for name in NAMES:
+        sys.modules.pop(name, None)

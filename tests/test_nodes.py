@@ -1,0 +1,305 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The ComfyUI nodes, run as ComfyUI runs them (inside ``torch.inference_mode()``) against stub ComfyUI modules.
+
+Sizes: 9 frames → 3 latent frames; 64×96 px → latent 8×12 → 4×6 patches. Tiny models have 4 blocks, so the
+guidance block is 1 instead of the paper's 20.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import comfy_stubs
+from ditflow import DiTFlowError
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMES, HEIGHT, WIDTH = 9, 64, 96
+FAST = dict(steps=4, cfg=6.0, seed=3, guidance_fraction=0.5, opt_steps=2, lr_start=0.002, lr_end=0.001,
+            kv_injection=True, kv_block=0, num_frames=FRAMES, width=WIDTH, height=HEIGHT)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fixtures
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory):
+    """Stub ComfyUI with a base folder holding models/CogVideo/{tiny-5b, tiny-2b}; removed after the module."""
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    base = tmp_path_factory.mktemp("comfy")
+    for variant in ("5b", "2b"):
+        build_tiny_model(base / "models" / "CogVideo" / f"tiny-{variant}", variant)
+    (base / "output").mkdir()
+    mods = comfy_stubs.install(str(base))
+    yield mods
+    comfy_stubs.uninstall()
+
+
+@pytest.fixture(scope="module")
+def N(comfy):
+    """NODE_CLASS_MAPPINGS, imported after the stubs."""
+    import nodes
+
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="module")
+def reference_image(request):
+    """IMAGE [T, H, W, 3] in [0, 1]: bmx-trees when the workspace has it, else the Big Buck Bunny test clip."""
+    from ditflow.layout import frames_to_image
+    from ditflow.video import load_video
+
+    try:
+        path = request.getfixturevalue("bmx_path")
+    except pytest.skip.Exception:
+        path = request.getfixturevalue("real_clip_path")
+    frames, _ = load_video(path, max_frames=24)
+    return frames_to_image(frames)
+
+
+def run(node_cls, **kwargs):
+    """Calls a node's function the way ComfyUI's executor does: a fresh instance, inside inference mode."""
+    with torch.inference_mode():
+        return getattr(node_cls(), node_cls.FUNCTION)(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def models(N):
+    return {v: run(N["DiTFlowLoadCogVideoX"], model=f"tiny-{v}", precision="fp32", vae_tiling=False,
+                   vae_slicing=False)[0] for v in ("5b", "2b")}
+
+
+@pytest.fixture(scope="module")
+def chain_5b(N, models, reference_image):
+    """Text encode → encode reference → extract AMF at block 1, on tiny-5b."""
+    model = models["5b"]
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider in the trees", negative_prompt="")[0]
+    latent, frames = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+                         num_frames=FRAMES, start=0, stride=2, resize="crop")
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    return {"model": model, "cond": cond, "latent": latent, "frames": frames, "amf": amf}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Node definitions
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_every_node_definition_is_well_formed(N):
+    import nodes
+
+    assert set(nodes.NODE_DISPLAY_NAME_MAPPINGS) == set(N)
+    for key, cls in N.items():
+        assert key.startswith("DiTFlow") and cls.CATEGORY.startswith("DiTFlow/"), key
+        assert cls.DESCRIPTION.endswith(".") and not re.search(r"\.\s+[A-Z]", cls.DESCRIPTION), key  # one sentence
+        assert callable(getattr(cls, cls.FUNCTION)), key
+        if cls.RETURN_TYPES:
+            assert len(cls.RETURN_NAMES) == len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), key
+        else:
+            assert cls.OUTPUT_NODE, key
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}, key
+        for section in ("required", "optional"):
+            for name, (kind, *opts) in spec.get(section, {}).items():
+                assert isinstance(kind, (str, list)), (key, name)
+                options = opts[0] if opts else {}
+                assert options.get("tooltip"), f"{key}.{name} has no tooltip"
+                if kind in ("INT", "FLOAT"):
+                    assert options["min"] <= options["default"] <= options["max"], (key, name)
+                if isinstance(kind, list) and "default" in options:
+                    assert options["default"] in kind, (key, name)
+
+
+def test_the_model_combo_lists_folders_from_every_registered_path(N, comfy, tmp_path):
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    fp = comfy["folder_paths"]
+    extra = tmp_path / "elsewhere"
+    build_tiny_model(extra / "tiny-extra", "5b", num_layers=1)
+    (extra / "not-a-model").mkdir()
+    fp.add_model_folder_path("CogVideo", str(extra))
+    try:
+        choices = N["DiTFlowLoadCogVideoX"].INPUT_TYPES()["required"]["model"][0]
+        assert choices == ["tiny-2b", "tiny-5b", "tiny-extra"]
+    finally:
+        fp.folder_names_and_paths["CogVideo"][0].remove(str(extra))
+
+
+def test_importing_the_pack_loads_no_heavy_module_and_shadows_no_comfy_module():
+    code = textwrap.dedent(f"""
+        import importlib.util, json, sys, types
+        sys.modules["nodes"] = comfy_nodes = types.ModuleType("nodes")  # ComfyUI's own top-level module
+        # as ComfyUI's load_custom_node does: the module is named after the pack's path
+        spec = importlib.util.spec_from_file_location({str(ROOT).replace(".", "_x_")!r}, {str(ROOT / "__init__.py")!r})
+        pack = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = pack
+        spec.loader.exec_module(pack)
+        print(json.dumps({{
+            "nodes": len(pack.NODE_CLASS_MAPPINGS),
+            "heavy": sorted(m for m in ("diffusers", "transformers", "cv2", "comfy.model_management") if m in sys.modules),
+            "comfy_nodes_kept": sys.modules["nodes"] is comfy_nodes,
+            "appended": sys.path[-1] == {str(ROOT)!r},
+        }}))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", check=True)
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report == {"nodes": 9, "heavy": [], "comfy_nodes_kept": True, "appended": True}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The chain
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_rope_chain_on_5b_optimises_saves_loads_and_injects(N, comfy, chain_5b):
+    mm, utils, fp = comfy["comfy.model_management"], comfy["comfy.utils"], comfy["folder_paths"]
+    model = chain_5b["model"]
+    assert chain_5b["latent"]["samples"].shape == (1, 16, 3, 8, 12)  # [B, C, T, H, W]
+    assert chain_5b["frames"].shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert chain_5b["amf"].blocks == (1,) and chain_5b["amf"].grid == (3, 4, 6)
+
+    mm.loaded.clear()
+    utils.updates.clear()
+    latent, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=chain_5b["cond"], mode="rope",
+                         amf=chain_5b["amf"], **FAST)
+    assert [[p.model.inner for p in ps] for ps, _ in mm.loaded] == [[model.bundle.transformer]]
+    assert all(full for _, full in mm.loaded)
+    assert utils.updates == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert latent["samples"].shape == (1, 16, 3, 8, 12)
+    assert embeds is not None and len(embeds.tables) == 2  # round(0.5 · 4) guided steps
+
+    image = run(N["DiTFlowDecode"], model=model, samples=latent)[0]
+    assert image.shape == (FRAMES, HEIGHT, WIDTH, 3) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0
+
+    ui = run(N["DiTFlowSaveEmbeds"], embeds=embeds, filename_prefix="ditflow/embeds")
+    saved = ui["ui"]["text"][0]
+    assert saved == os.path.join("ditflow", "embeds_00001_.safetensors")
+    choices = N["DiTFlowLoadEmbeds"].INPUT_TYPES()["required"]["embeds_file"][0]
+    assert "embeds_00001_.safetensors" in choices  # output/ditflow is an embeddings folder
+    mtime = N["DiTFlowLoadEmbeds"].IS_CHANGED("embeds_00001_.safetensors")
+    assert mtime == os.path.getmtime(os.path.join(fp.get_output_directory(), saved))
+    loaded = run(N["DiTFlowLoadEmbeds"], embeds_file="embeds_00001_.safetensors")[0]
+
+    cond2 = run(N["DiTFlowTextEncode"], model=model, prompt="a dog on a bike", negative_prompt="")[0]
+    injected, none_embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond2, mode="none",
+                                embeds=loaded, **{**FAST, "steps": 50})  # the embeddings' 4 steps win
+    assert none_embeds is None
+    video = run(N["DiTFlowDecode"], model=model, samples=injected)[0]
+    assert video.shape == (FRAMES, HEIGHT, WIDTH, 3)
+    assert not torch.equal(video, image)
+
+
+def test_latent_mode_on_2b(N, models, reference_image):
+    model = models["2b"]
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="blurry")[0]
+    latent, _ = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+                    num_frames=FRAMES, start=0, stride=1, resize="pad")
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    out, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", amf=amf, **FAST)
+    assert embeds is None
+    assert run(N["DiTFlowDecode"], model=model, samples=out)[0].shape == (FRAMES, HEIGHT, WIDTH, 3)
+
+
+def test_backbone_without_reference_uses_the_size_widgets(N, chain_5b):
+    out, _ = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="none",
+                 **{**FAST, "num_frames": 5, "width": 32, "height": 48})
+    assert out["samples"].shape == (1, 16, 2, 6, 4)  # 5 frames → 2 latent; 48×32 px → 6×4 latent px
+
+
+def test_each_component_is_loaded_through_model_management_before_use(N, comfy, chain_5b, reference_image):
+    mm = comfy["comfy.model_management"]
+    model = chain_5b["model"]
+    assert {n: (p.load_device.type, p.offload_device.type) for n, p in model.patchers.items()} == {
+        n: ("cpu", "cpu") for n in ("transformer", "vae", "text_encoder")}
+    mm.loaded.clear()
+    run(N["DiTFlowTextEncode"], model=model, prompt="x", negative_prompt="")
+    run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+        num_frames=FRAMES, start=0, stride=1, resize="stretch")
+    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], block=1, temperature=2.0)
+    names = {id(p): n for n, p in model.patchers.items()}
+    assert [sorted(names[id(p)] for p in ps) for ps, _ in mm.loaded] == [
+        ["text_encoder"], ["vae"], ["text_encoder", "transformer"]]
+
+
+def test_visualize_amf_draws_colors_and_arrows_at_video_size(N, chain_5b):
+    colors, arrows = run(N["DiTFlowVisualizeAMF"], amf=chain_5b["amf"], query_frame=0, key_frame=2, arrow_stride=1,
+                         frames=chain_5b["frames"])
+    grey_colors, grey_arrows = run(N["DiTFlowVisualizeAMF"], amf=chain_5b["amf"], query_frame=1, key_frame=0,
+                                   arrow_stride=2)
+    for im in (colors, arrows, grey_colors, grey_arrows):
+        assert im.shape == (1, HEIGHT, WIDTH, 3) and im.dtype == torch.float32
+        assert 0.0 <= im.min() and im.max() <= 1.0
+    with pytest.raises(DiTFlowError, match="out of range"):
+        run(N["DiTFlowVisualizeAMF"], amf=chain_5b["amf"], query_frame=3, key_frame=0, arrow_stride=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Errors and cancel
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_wrong_frame_count_is_one_readable_sentence(N, chain_5b, reference_image):
+    with pytest.raises(DiTFlowError, match=r"frame count 48 is not of the form 4k\+1.*use 45 or 49"):
+        run(N["DiTFlowEncodeReference"], model=chain_5b["model"], images=reference_image, width=WIDTH, height=HEIGHT,
+            num_frames=48, start=0, stride=1, resize="crop")
+
+
+def test_block_out_of_range_names_the_models_range(N, chain_5b):
+    with pytest.raises(DiTFlowError, match=r"guidance block 20 is out of range: this model has blocks 0\.\.3"):
+        run(N["DiTFlowExtractAMF"], model=chain_5b["model"], reference=chain_5b["latent"], block=20, temperature=2.0)
+
+
+def test_embeds_from_another_model_are_refused(N, models, chain_5b):
+    _, embeds = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="rope",
+                    amf=chain_5b["amf"], **FAST)
+    cond_2b = run(N["DiTFlowTextEncode"], model=models["2b"], prompt="x", negative_prompt="")[0]
+    with pytest.raises(DiTFlowError, match="model family 5b, but this run has 2b"):
+        run(N["DiTFlowGuidedSampler"], model=models["2b"], conditioning=cond_2b, mode="none", embeds=embeds, **FAST)
+
+
+def test_missing_model_folder_and_bad_save_inputs_are_refused(N, chain_5b):
+    with pytest.raises(DiTFlowError, match="'CogVideoX-5b' was not found in .*CogVideo"):
+        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-5b", precision="bf16", vae_tiling=True, vae_slicing=False)
+    with pytest.raises(DiTFlowError, match="no embeddings to save"):
+        run(N["DiTFlowSaveEmbeds"], embeds=None, filename_prefix="ditflow/embeds")
+    _, embeds = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="rope",
+                    amf=chain_5b["amf"], **{**FAST, "opt_steps": 1})
+    with pytest.raises(DiTFlowError, match="outside the output folder"):
+        run(N["DiTFlowSaveEmbeds"], embeds=embeds, filename_prefix="../../escape/embeds")
+
+
+def test_cancel_mid_optimisation_leaves_the_model_stock(N, comfy, chain_5b, monkeypatch):
+    from ditflow.attention import DiTFlowAttnProcessor
+
+    mm = comfy["comfy.model_management"]
+    transformer = chain_5b["model"].bundle.transformer
+    before = [b.attn1.processor for b in transformer.transformer_blocks]
+    calls = []
+    original = mm.throw_exception_if_processing_interrupted
+
+    def interrupt_on_second_iteration():
+        calls.append(1)
+        mm.INTERRUPT = len(calls) == 2  # the user presses Cancel during the first guided step
+        original()
+
+    monkeypatch.setattr(mm, "throw_exception_if_processing_interrupted", interrupt_on_second_iteration)
+    with pytest.raises(comfy_stubs.InterruptProcessingException):
+        run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="rope",
+            amf=chain_5b["amf"], **FAST)
+    assert len(calls) == 2
+    assert [b.attn1.processor for b in transformer.transformer_blocks] == before
+    assert not any(isinstance(b.attn1.processor, DiTFlowAttnProcessor) for b in transformer.transformer_blocks)
+    assert not transformer.patch_embed._forward_hooks
+    assert not any(p.requires_grad for p in transformer.parameters())
