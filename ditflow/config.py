@@ -117,6 +117,8 @@ class GuidanceConfig:
     def resolved(self, family: str, num_blocks: int) -> GuidanceConfig:
         """Fill the family defaults and check blocks against the model; raises :class:`DiTFlowError`."""
         blocks = self.guidance_blocks or (DEFAULT_GUIDANCE_BLOCK[family],)
+        if self.mode is Mode.NONE:  # no AMF is read: the blocks are not used
+            blocks = self.guidance_blocks
         cfg, dyn = DEFAULT_CFG[family]
         if self.mode is Mode.ROPE and family != "5b":
             raise DiTFlowError("mode 'rope' needs a RoPE model (CogVideoX-5b); use 'posemb' on CogVideoX-2b.")

@@ -149,11 +149,11 @@ def sample(
     """
     transformer = model.transformer
     grid = _resolve_grid(model, reference, embeds, size)
-    config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
     mode = config.mode
     optimise = embeds is None and mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
     if optimise and reference is None:
         raise DiTFlowError(f"mode '{mode.value}' optimises toward a reference motion: give a reference video.")
+    config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
     if embeds is not None:
         embeds.check_compatible(model, grid, config.num_inference_steps)
     inject = bool(config.kv_injection_blocks) and reference is not None
