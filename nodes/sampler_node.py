@@ -20,7 +20,7 @@ def _progress(num_steps: int):
             bar.update_absolute(info["step"] + 1, info["num_steps"])
         elif info["loss"] is not None:
             print(f"[DiTFlow] step {info['step'] + 1}/{info['num_steps']} (t={info['timestep']}) "
-                  f"iteration {info['iteration'] + 1}: AMF loss {info['loss']:.6f}")
+                  f"iteration {info['iteration'] + 1}: AMF loss {info['loss']:.6f}", flush=True)
 
     return callback
 

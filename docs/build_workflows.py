@@ -1,0 +1,211 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Writes the example workflows (ComfyUI UI format, version 0.4) into ``example_workflows/``.
+
+Run from the repository root: ``python docs/build_workflows.py``. Inputs, outputs and widget order of our nodes
+come from their ``INPUT_TYPES``; the few core nodes used are described here. Defaults are for the real
+CogVideoX-5b at 480×720, 49 frames, guidance block 20 (paper §5.1).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+# Core nodes: (inputs [(name, type, optional)], outputs [(name, type)], widget names).
+CORE = {
+    "LoadVideo": ([], [("VIDEO", "VIDEO")], ["file", "upload"]),
+    "GetVideoComponents": ([("video", "VIDEO", False)], [("images", "IMAGE"), ("audio", "AUDIO"), ("fps", "FLOAT")], []),
+    "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")], ["fps"]),
+    "SaveVideo": ([("video", "VIDEO", False)], [], ["filename_prefix", "format", "codec"]),
+    "PreviewImage": ([("images", "IMAGE", False)], [], []),
+    "Note": ([], [], ["text"]),
+}
+
+
+def _ours(node_type: str):
+    from nodes import NODE_CLASS_MAPPINGS
+
+    cls = NODE_CLASS_MAPPINGS[node_type]
+    spec = cls.INPUT_TYPES()
+    inputs, widgets = [], []
+    for section in ("required", "optional"):
+        for name, (kind, *opts) in spec.get(section, {}).items():
+            if isinstance(kind, list) or kind in WIDGET_TYPES:
+                widgets.append(name)
+                if (opts[0] if opts else {}).get("control_after_generate"):
+                    widgets.append("control_after_generate")
+            else:
+                inputs.append((name, kind, section == "optional"))
+    names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+    return inputs, list(zip(names, cls.RETURN_TYPES)), widgets
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def add(self, node_type, pos, widgets=(), size=(320, 160), title=None):
+        inputs, outputs, widget_names = CORE[node_type] if node_type in CORE else _ours(node_type)
+        assert len(widgets) == len(widget_names), (node_type, widgets, widget_names)
+        node = {
+            "id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
+            "order": len(self.nodes), "mode": 0,
+            "inputs": [{"name": n, "type": t, "link": None, **({"shape": 7} if opt else {})} for n, t, opt in inputs],
+            "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(outputs)],
+            "properties": {"Node name for S&R": node_type}, "widgets_values": list(widgets),
+        }
+        if title:
+            node["title"] = title
+        if node_type == "Note":
+            node["color"], node["bgcolor"] = "#432", "#653"
+        self.nodes.append(node)
+        return node["id"]
+
+    def link(self, src, src_slot, dst, dst_input):
+        s, d = self.nodes[src - 1], self.nodes[dst - 1]
+        slot = next(i for i, inp in enumerate(d["inputs"]) if inp["name"] == dst_input)
+        kind = s["outputs"][src_slot]["type"]
+        link_id = len(self.links) + 1
+        self.links.append([link_id, src, src_slot, dst, slot, kind])
+        s["outputs"][src_slot]["links"].append(link_id)
+        d["inputs"][slot]["link"] = link_id
+
+    def json(self):
+        for n in self.nodes:
+            for o in n["outputs"]:
+                o["links"] = o["links"] or None
+        return {
+            "id": "00000000-0000-4000-8000-000000000000", "revision": 0,
+            "last_node_id": len(self.nodes), "last_link_id": len(self.links),
+            "nodes": self.nodes, "links": self.links, "groups": [], "config": {},
+            "extra": {"ds": {"scale": 0.75, "offset": [40, 40]}}, "version": 0.4,
+        }
+
+
+PROMPT = ("A person rides a bicycle along a forest trail between tall trees, sunlight through the leaves, "
+          "realistic, high detail.")
+NEW_PROMPT = "A fox runs along a snowy forest trail between tall pine trees, soft winter light, realistic."
+MODEL = ["CogVideoX-5b", "bf16", True, False]
+REFERENCE = [720, 480, 49, 0, 1, "crop"]  # width, height, frames, start, stride, resize
+SAMPLER = dict(steps=50, cfg=6.0, seed=42, control="fixed", fraction=0.2, opt_steps=5, lr=(0.002, 0.001),
+               kv=(True, 0), size=(49, 720, 480))
+
+
+def sampler_widgets(mode, kv_injection=True):
+    s = SAMPLER
+    return [mode, s["steps"], s["cfg"], s["seed"], s["control"], s["fraction"], s["opt_steps"], *s["lr"],
+            kv_injection, s["kv"][1], *s["size"]]
+
+
+def reference_chain(g, note):
+    g.add("Note", (20, 20), [note], size=(420, 300))
+    load = g.add("DiTFlowLoadCogVideoX", (20, 360), MODEL, size=(320, 150))
+    video = g.add("LoadVideo", (20, 560), ["bmx-trees.mp4", "image"], size=(320, 380))
+    comps = g.add("GetVideoComponents", (380, 720), size=(220, 80))
+    text = g.add("DiTFlowTextEncode", (380, 20), [PROMPT, ""], size=(400, 260))
+    enc = g.add("DiTFlowEncodeReference", (380, 340), REFERENCE, size=(320, 260))
+    amf = g.add("DiTFlowExtractAMF", (740, 340), [20, 2.0], size=(300, 110))
+    g.link(video, 0, comps, "video")
+    g.link(load, 0, text, "model")
+    g.link(load, 0, enc, "model")
+    g.link(comps, 0, enc, "images")
+    g.link(load, 0, amf, "model")
+    g.link(enc, 0, amf, "reference")
+    return load, text, enc, amf
+
+
+def output_chain(g, load, latent_src, x, prefix):
+    dec = g.add("DiTFlowDecode", (x, 20), size=(260, 80))
+    vid = g.add("CreateVideo", (x, 140), [8], size=(260, 80))
+    save = g.add("SaveVideo", (x + 300, 20), [prefix, "auto", "auto"], size=(420, 480))
+    g.link(load, 0, dec, "model")
+    g.link(latent_src, 0, dec, "samples")
+    g.link(dec, 0, vid, "images")
+    g.link(vid, 0, save, "video")
+
+
+def t2v_latent():
+    g = Graph()
+    load, text, enc, amf = reference_chain(g, (
+        "DiTFlow motion transfer, mode latent (DiTFlow-z_t: best motion fidelity).\n\n"
+        "1. Put CogVideoX-5b (diffusers folder from THUDM/CogVideoX-5b) in models/CogVideo/CogVideoX-5b.\n"
+        "2. Load a reference clip with at least 49 frames (or lower num_frames / raise stride).\n"
+        "3. Describe the new scene in the prompt; the motion comes from the reference.\n\n"
+        "Paper defaults: 480×720, 49 frames, block 20 (15 on 2B), τ = 2, 50 steps, first 20 % guided, "
+        "5 Adam steps, lr 0.002→0.001, KV injection at block 0. On CogVideoX-2b use block 15."))
+    sampler = g.add("DiTFlowGuidedSampler", (1080, 20), sampler_widgets("latent"), size=(340, 520))
+    g.link(load, 0, sampler, "model")
+    g.link(text, 0, sampler, "conditioning")
+    g.link(amf, 0, sampler, "amf")
+    vis = g.add("DiTFlowVisualizeAMF", (740, 500), [0, 6, 2], size=(300, 150))
+    prev = g.add("PreviewImage", (740, 700), size=(300, 260))
+    g.link(amf, 0, vis, "amf")
+    g.link(enc, 1, vis, "frames")
+    g.link(vis, 1, prev, "images")
+    output_chain(g, load, sampler, 1460, "ditflow/latent")
+    return g.json()
+
+
+def rope_optimize_and_save():
+    g = Graph()
+    load, text, enc, amf = reference_chain(g, (
+        "DiTFlow mode rope (DiTFlow-ρ_t, CogVideoX-5b): optimises the RoPE tables during the guided steps and "
+        "saves them with DiTFlow Save Embeds to output/ditflow/embeds_NNNNN_.safetensors.\n\n"
+        "Reuse them zero-shot with a new prompt in ditflow_rope_inject.json (same model, frames, size and steps).\n"
+        "On CogVideoX-2b use mode posemb and block 15."))
+    sampler = g.add("DiTFlowGuidedSampler", (1080, 20), sampler_widgets("rope"), size=(340, 520))
+    g.link(load, 0, sampler, "model")
+    g.link(text, 0, sampler, "conditioning")
+    g.link(amf, 0, sampler, "amf")
+    save = g.add("DiTFlowSaveEmbeds", (1080, 600), ["ditflow/embeds"], size=(340, 90))
+    g.link(sampler, 1, save, "embeds")
+    output_chain(g, load, sampler, 1460, "ditflow/rope")
+    return g.json()
+
+
+def rope_inject():
+    g = Graph()
+    g.add("Note", (20, 20), [
+        "Zero-shot motion transfer with saved positional embeddings (paper Fig. 7): no reference video, no "
+        "optimisation. Pick a file written by ditflow_rope_optimize_and_save.json (output/ditflow/, or put one in "
+        "models/ditflow_embeds/), press R to refresh the list. Frames, size and steps come from the file; the "
+        "model must be the one it was optimised on."], size=(420, 220))
+    load = g.add("DiTFlowLoadCogVideoX", (20, 280), MODEL, size=(320, 150))
+    embeds = g.add("DiTFlowLoadEmbeds", (20, 480), ["embeds_00001_.safetensors"], size=(320, 80))
+    text = g.add("DiTFlowTextEncode", (380, 20), [NEW_PROMPT, ""], size=(400, 260))
+    sampler = g.add("DiTFlowGuidedSampler", (820, 20), sampler_widgets("none", kv_injection=False), size=(340, 520))
+    g.link(load, 0, text, "model")
+    g.link(load, 0, sampler, "model")
+    g.link(text, 0, sampler, "conditioning")
+    g.link(embeds, 0, sampler, "embeds")
+    output_chain(g, load, sampler, 1200, "ditflow/inject")
+    return g.json()
+
+
+WORKFLOWS = {
+    "ditflow_t2v_latent": t2v_latent,
+    "ditflow_rope_optimize_and_save": rope_optimize_and_save,
+    "ditflow_rope_inject": rope_inject,
+}
+
+if __name__ == "__main__":
+    try:
+        import folder_paths  # noqa: F401  (inside ComfyUI's python)
+    except ImportError:  # the model combos need folder_paths: use the test stand-ins
+        import tempfile
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        import comfy_stubs
+
+        comfy_stubs.install(tempfile.mkdtemp())
+    out = ROOT / "example_workflows"
+    out.mkdir(exist_ok=True)
+    for name, make in WORKFLOWS.items():
+        (out / f"{name}.json").write_text(json.dumps(make(), indent=1, ensure_ascii=False) + "\n")
+        print(out / f"{name}.json")

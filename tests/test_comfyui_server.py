@@ -1,0 +1,153 @@
+# SPDX-License-Identifier: Apache-2.0
+"""The example workflows in the real ComfyUI server (CPU) with tiny models: import, validation, execution.
+
+Skipped unless a ComfyUI install (``$COMFY_HOME``, default ``/root/comfy``) and the shared harness exist. Each
+workflow is converted to API format by the harness (through ``/object_info``), then shrunk for the CPU:
+9 frames at 64×96 px, 4 steps (2 guided, 2 Adam iterations), guidance block 1 of the tiny model's 4.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = Path(os.environ.get("DITFLOW_COMFY_HARNESS", ROOT.parent / "shared" / "comfy_harness"))
+COMFY_HOME = Path(os.environ.get("COMFY_HOME", "/root/comfy"))
+PORT = int(os.environ.get("DITFLOW_COMFY_PORT", "8197"))
+URL = f"http://127.0.0.1:{PORT}"
+WORKFLOWS = ROOT / "example_workflows"
+
+pytestmark = pytest.mark.skipif(
+    not (COMFY_HOME / "ComfyUI" / "main.py").is_file() or not (HARNESS / "start_comfy.sh").is_file(),
+    reason=f"needs ComfyUI in {COMFY_HOME} and the harness in {HARNESS}",
+)
+
+# Per node type: widget → tiny value (9 frames → 3 latent frames; 64×96 px → 4×6 patches). VAE tiling is off:
+# diffusers tiles at half the VAE's sample size with a 1/6 overlap, 26 px strides on the tiny VAE (not a multiple
+# of 8), which turns a 64-px frame into 9 latent rows; the real VAE's 200-px strides are fine at 480×720.
+TINY = {
+    "DiTFlowLoadCogVideoX": {"model": "tiny-5b", "precision": "fp32", "vae_tiling": False},  # see below
+    "DiTFlowEncodeReference": {"width": 96, "height": 64, "num_frames": 9, "stride": 2},
+    "DiTFlowExtractAMF": {"block": 1},
+    "DiTFlowGuidedSampler": {"steps": 4, "guidance_fraction": 0.5, "opt_steps": 2, "num_frames": 9, "width": 96,
+                             "height": 64},
+    "DiTFlowVisualizeAMF": {"key_frame": 2},
+}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, request):
+    """A ComfyUI server with this pack, tiny-5b in models/CogVideo and the reference clip uploaded."""
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    try:
+        clip = request.getfixturevalue("bmx_path")
+    except pytest.skip.Exception:
+        clip = request.getfixturevalue("real_clip_path")
+    base = COMFY_HOME / "runs" / f"port-{PORT}"
+    started = subprocess.run([str(HARNESS / "start_comfy.sh"), "-n", str(ROOT), "-p", str(PORT)],
+                             capture_output=True, text=True, timeout=180)
+    assert started.returncode == 0, started.stdout + started.stderr
+    pid = started.stdout.strip().splitlines()[-1]
+    try:
+        build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")
+        shutil.copy(clip, base / "input" / "reference.mp4")
+        yield {"base": base, "log": base / "comfyui.log"}
+    finally:
+        subprocess.run([str(HARNESS / "stop_comfy.sh"), pid], capture_output=True, timeout=60)
+
+
+def run_workflow(name: str, tmp_path: Path, overrides: dict | None = None) -> dict:
+    """Converts ``example_workflows/<name>.json`` to API format, shrinks it, runs it; returns the harness report."""
+    api_path = tmp_path / f"{name}_api.json"
+    tool = [sys.executable, str(HARNESS / "run_api_workflow.py"), "--server", URL]
+    conv = subprocess.run([*tool, str(WORKFLOWS / f"{name}.json"), "--convert-only", str(api_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    prompt = json.loads(api_path.read_text())
+    prompt = prompt.get("prompt", prompt)
+    for node in prompt.values():
+        node["inputs"].update({**TINY.get(node["class_type"], {}), **(overrides or {}).get(node["class_type"], {})})
+        if node["class_type"] == "LoadVideo":
+            node["inputs"]["file"] = "reference.mp4"
+    api_path.write_text(json.dumps(prompt))
+    done = subprocess.run([*tool, str(api_path), "--timeout", "600"], capture_output=True, text=True, timeout=660)
+    report = json.loads(done.stdout)
+    assert done.returncode == 0, json.dumps(report, indent=1)[:4000]
+    return report
+
+
+def video_frames(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def saved_videos(report: dict, base: Path) -> list[Path]:
+    return [base / "output" / f["subfolder"] / f["filename"] for f in report["files"]
+            if f["type"] == "output" and f["filename"].endswith(".mp4")]
+
+
+def test_the_pack_imports_cleanly_and_fast(server):
+    log = server["log"].read_text()
+    assert "IMPORT FAILED" not in log
+    times = re.findall(r"^\s*([\d.]+) seconds: .*custom_nodes/main$", log, re.M)
+    assert times and float(times[0]) < 0.5, log[-3000:]
+    with urllib.request.urlopen(f"{URL}/object_info/DiTFlowGuidedSampler") as r:
+        info = json.load(r)["DiTFlowGuidedSampler"]
+    assert info["category"] == "DiTFlow/sampling"
+    with urllib.request.urlopen(f"{URL}/object_info/DiTFlowLoadCogVideoX") as r:
+        assert "tiny-5b" in json.load(r)["DiTFlowLoadCogVideoX"]["input"]["required"]["model"][0]
+
+
+def test_latent_workflow_writes_a_9_frame_video(server, tmp_path):
+    report = run_workflow("ditflow_t2v_latent", tmp_path)
+    print(f"ditflow_t2v_latent: execution_ms={report['timing'].get('execution_ms')}")
+    videos = saved_videos(report, server["base"])
+    assert len(videos) == 1 and video_frames(videos[0]) == 9
+    assert any(f["type"] == "temp" and f["filename"].endswith(".png") for f in report["files"])  # AMF arrows
+
+
+def test_rope_workflow_saves_embeds_and_inject_workflow_replays_them(server, tmp_path):
+    report = run_workflow("ditflow_rope_optimize_and_save", tmp_path)
+    print(f"ditflow_rope_optimize_and_save: execution_ms={report['timing'].get('execution_ms')}")
+    assert [video_frames(v) for v in saved_videos(report, server["base"])] == [9]
+    embeds = sorted((server["base"] / "output" / "ditflow").glob("embeds_*_.safetensors"))
+    assert [e.name for e in embeds] == ["embeds_00001_.safetensors"]
+
+    report = run_workflow("ditflow_rope_inject", tmp_path)
+    print(f"ditflow_rope_inject: execution_ms={report['timing'].get('execution_ms')}")
+    assert [video_frames(v) for v in saved_videos(report, server["base"])] == [9]
+    assert "AMF loss" in server["log"].read_text()  # the rope run printed its optimisation losses
+
+
+def test_a_library_error_reaches_the_ui_as_one_sentence(server, tmp_path):
+    api = tmp_path / "bad_api.json"
+    tool = [sys.executable, str(HARNESS / "run_api_workflow.py"), "--server", URL]
+    subprocess.run([*tool, str(WORKFLOWS / "ditflow_t2v_latent.json"), "--convert-only", str(api)], check=True,
+                   capture_output=True, timeout=60)
+    prompt = json.loads(api.read_text())
+    for node in prompt.values():
+        node["inputs"].update(TINY.get(node["class_type"], {}))
+        if node["class_type"] == "LoadVideo":
+            node["inputs"]["file"] = "reference.mp4"
+        if node["class_type"] == "DiTFlowEncodeReference":
+            node["inputs"]["num_frames"] = 8
+    api.write_text(json.dumps(prompt))
+    done = subprocess.run([*tool, str(api)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout
+    (error,) = json.loads(done.stdout)["errors"]
+    assert error["node_type"] == "DiTFlowEncodeReference"
+    assert error["exception_type"].endswith("DiTFlowError")
+    assert error["exception_message"].strip() == (
+        "frame count 8 is not of the form 4k+1 that CogVideoX needs; use 5 or 9 (49 is native).")
