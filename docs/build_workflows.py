@@ -29,21 +29,25 @@ CORE = {
 
 
 def _ours(node_type: str):
+    """(inputs, outputs, widget names, widget defaults) of one of our nodes, from its INPUT_TYPES."""
     from nodes import NODE_CLASS_MAPPINGS
 
     cls = NODE_CLASS_MAPPINGS[node_type]
     spec = cls.INPUT_TYPES()
-    inputs, widgets = [], []
+    inputs, widgets, defaults = [], [], {}
     for section in ("required", "optional"):
         for name, (kind, *opts) in spec.get(section, {}).items():
+            options = opts[0] if opts else {}
             if isinstance(kind, list) or kind in WIDGET_TYPES:
                 widgets.append(name)
-                if (opts[0] if opts else {}).get("control_after_generate"):
+                defaults[name] = options.get("default", kind[0] if isinstance(kind, list) and kind else None)
+                if options.get("control_after_generate"):
                     widgets.append("control_after_generate")
+                    defaults["control_after_generate"] = "fixed"
             else:
                 inputs.append((name, kind, section == "optional"))
     names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-    return inputs, list(zip(names, cls.RETURN_TYPES)), widgets
+    return inputs, list(zip(names, cls.RETURN_TYPES)), widgets, defaults
 
 
 class Graph:
@@ -51,8 +55,15 @@ class Graph:
         self.nodes, self.links = [], []
 
     def add(self, node_type, pos, widgets=(), size=(320, 160), title=None):
-        inputs, outputs, widget_names = CORE[node_type] if node_type in CORE else _ours(node_type)
-        assert len(widgets) == len(widget_names), (node_type, widgets, widget_names)
+        """Adds a node; ``widgets`` is a list for core nodes and a {name: value} dict for ours."""
+        if node_type in CORE:
+            inputs, outputs, widget_names = CORE[node_type]
+            assert len(widgets) == len(widget_names), (node_type, widgets, widget_names)
+        else:  # our nodes: widgets by name, the rest at their INPUT_TYPES defaults
+            inputs, outputs, widget_names, defaults = _ours(node_type)
+            unknown = set(dict(widgets)) - set(widget_names)
+            assert not unknown, (node_type, unknown)
+            widgets = [dict(widgets).get(n, defaults[n]) for n in widget_names]
         node = {
             "id": len(self.nodes) + 1, "type": node_type, "pos": list(pos), "size": list(size), "flags": {},
             "order": len(self.nodes), "mode": 0,
@@ -91,26 +102,25 @@ class Graph:
 PROMPT = ("A person rides a bicycle along a forest trail between tall trees, sunlight through the leaves, "
           "realistic, high detail.")
 NEW_PROMPT = "A fox runs along a snowy forest trail between tall pine trees, soft winter light, realistic."
-MODEL = ["CogVideoX-5b", "bf16", True, False]
-REFERENCE = [720, 480, 49, 0, 1, "crop"]  # width, height, frames, start, stride, resize
-SAMPLER = dict(steps=50, cfg=6.0, seed=42, control="fixed", fraction=0.2, opt_steps=5, lr=(0.002, 0.001),
-               kv=(True, 0), size=(49, 720, 480))
+MODEL = {"model": "CogVideoX-5b", "precision": "bf16", "vae_tiling": True, "vae_slicing": False}
+REFERENCE = {"width": 720, "height": 480, "num_frames": 49, "start": 0, "stride": 1, "resize": "crop"}
 
 
 def sampler_widgets(mode, kv_injection=True):
-    s = SAMPLER
-    return [mode, s["steps"], s["cfg"], s["seed"], s["control"], s["fraction"], s["opt_steps"], *s["lr"],
-            kv_injection, s["kv"][1], *s["size"]]
+    """Paper defaults (§5.1): 50 steps, first 20 % guided, 5 Adam steps, lr 0.002 → 0.001, KV injection at 0."""
+    return {"mode": mode, "steps": 50, "cfg": 6.0, "seed": 42, "control_after_generate": "fixed",
+            "guidance_fraction": 0.2, "opt_steps": 5, "lr_start": 0.002, "lr_end": 0.001,
+            "kv_injection": kv_injection, "kv_block": 0, "num_frames": 49, "width": 720, "height": 480}
 
 
 def reference_chain(g, note):
-    g.add("Note", (20, 20), [note], size=(420, 300))
+    g.add("Note", (20, 20), [note], size=(340, 300))
     load = g.add("DiTFlowLoadCogVideoX", (20, 360), MODEL, size=(320, 150))
     video = g.add("LoadVideo", (20, 560), ["bmx-trees.mp4", "image"], size=(320, 380))
-    comps = g.add("GetVideoComponents", (380, 720), size=(220, 80))
-    text = g.add("DiTFlowTextEncode", (380, 20), [PROMPT, ""], size=(400, 260))
-    enc = g.add("DiTFlowEncodeReference", (380, 340), REFERENCE, size=(320, 260))
-    amf = g.add("DiTFlowExtractAMF", (740, 340), [20, 2.0], size=(300, 110))
+    comps = g.add("GetVideoComponents", (400, 640), size=(220, 80))
+    text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": PROMPT, "negative_prompt": ""}, size=(400, 260))
+    enc = g.add("DiTFlowEncodeReference", (400, 340), REFERENCE, size=(320, 260))
+    amf = g.add("DiTFlowExtractAMF", (760, 340), {"block": 20, "temperature": 2.0}, size=(300, 110))
     g.link(video, 0, comps, "video")
     g.link(load, 0, text, "model")
     g.link(load, 0, enc, "model")
@@ -139,16 +149,16 @@ def t2v_latent():
         "3. Describe the new scene in the prompt; the motion comes from the reference.\n\n"
         "Paper defaults: 480×720, 49 frames, block 20 (15 on 2B), τ = 2, 50 steps, first 20 % guided, "
         "5 Adam steps, lr 0.002→0.001, KV injection at block 0. On CogVideoX-2b use block 15."))
-    sampler = g.add("DiTFlowGuidedSampler", (1080, 20), sampler_widgets("latent"), size=(340, 520))
+    sampler = g.add("DiTFlowGuidedSampler", (1100, 20), sampler_widgets("latent"), size=(340, 520))
     g.link(load, 0, sampler, "model")
     g.link(text, 0, sampler, "conditioning")
     g.link(amf, 0, sampler, "amf")
-    vis = g.add("DiTFlowVisualizeAMF", (740, 500), [0, 6, 2], size=(300, 150))
-    prev = g.add("PreviewImage", (740, 700), size=(300, 260))
+    vis = g.add("DiTFlowVisualizeAMF", (760, 500), {"query_frame": 0, "key_frame": 6, "arrow_stride": 2}, size=(300, 150))
+    prev = g.add("PreviewImage", (760, 700), size=(300, 260))
     g.link(amf, 0, vis, "amf")
     g.link(enc, 1, vis, "frames")
     g.link(vis, 1, prev, "images")
-    output_chain(g, load, sampler, 1460, "ditflow/latent")
+    output_chain(g, load, sampler, 1480, "ditflow/latent")
     return g.json()
 
 
@@ -159,13 +169,13 @@ def rope_optimize_and_save():
         "saves them with DiTFlow Save Embeds to output/ditflow/embeds_NNNNN_.safetensors.\n\n"
         "Reuse them zero-shot with a new prompt in ditflow_rope_inject.json (same model, frames, size and steps).\n"
         "On CogVideoX-2b use mode posemb and block 15."))
-    sampler = g.add("DiTFlowGuidedSampler", (1080, 20), sampler_widgets("rope"), size=(340, 520))
+    sampler = g.add("DiTFlowGuidedSampler", (1100, 20), sampler_widgets("rope"), size=(340, 520))
     g.link(load, 0, sampler, "model")
     g.link(text, 0, sampler, "conditioning")
     g.link(amf, 0, sampler, "amf")
-    save = g.add("DiTFlowSaveEmbeds", (1080, 600), ["ditflow/embeds"], size=(340, 90))
+    save = g.add("DiTFlowSaveEmbeds", (1100, 600), {"filename_prefix": "ditflow/embeds"}, size=(340, 90))
     g.link(sampler, 1, save, "embeds")
-    output_chain(g, load, sampler, 1460, "ditflow/rope")
+    output_chain(g, load, sampler, 1480, "ditflow/rope")
     return g.json()
 
 
@@ -175,16 +185,16 @@ def rope_inject():
         "Zero-shot motion transfer with saved positional embeddings (paper Fig. 7): no reference video, no "
         "optimisation. Pick a file written by ditflow_rope_optimize_and_save.json (output/ditflow/, or put one in "
         "models/ditflow_embeds/), press R to refresh the list. Frames, size and steps come from the file; the "
-        "model must be the one it was optimised on."], size=(420, 220))
+        "model must be the one it was optimised on."], size=(340, 220))
     load = g.add("DiTFlowLoadCogVideoX", (20, 280), MODEL, size=(320, 150))
-    embeds = g.add("DiTFlowLoadEmbeds", (20, 480), ["embeds_00001_.safetensors"], size=(320, 80))
-    text = g.add("DiTFlowTextEncode", (380, 20), [NEW_PROMPT, ""], size=(400, 260))
-    sampler = g.add("DiTFlowGuidedSampler", (820, 20), sampler_widgets("none", kv_injection=False), size=(340, 520))
+    embeds = g.add("DiTFlowLoadEmbeds", (20, 480), {"embeds_file": "embeds_00001_.safetensors"}, size=(320, 80))
+    text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": NEW_PROMPT, "negative_prompt": ""}, size=(400, 260))
+    sampler = g.add("DiTFlowGuidedSampler", (840, 20), sampler_widgets("none", kv_injection=False), size=(340, 520))
     g.link(load, 0, text, "model")
     g.link(load, 0, sampler, "model")
     g.link(text, 0, sampler, "conditioning")
     g.link(embeds, 0, sampler, "embeds")
-    output_chain(g, load, sampler, 1200, "ditflow/inject")
+    output_chain(g, load, sampler, 1220, "ditflow/inject")
     return g.json()
 
 
