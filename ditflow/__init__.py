@@ -22,8 +22,8 @@ Conventions (stated once here, reminded at each use)
 Importing this package is cheap: it does not import diffusers or transformers; the modules that need them do.
 """
 
-from .config import GuidanceConfig, Mode
+from .config import GuidanceConfig, Loss, Mode
 from .errors import DiTFlowError
 
-__all__ = ["DiTFlowError", "GuidanceConfig", "Mode"]
+__all__ = ["DiTFlowError", "GuidanceConfig", "Loss", "Mode"]
 __version__ = "0.1.0"

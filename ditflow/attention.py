@@ -48,6 +48,9 @@ class AttentionController:
             (DiTFlow-ρ_t on 5B); ``None`` uses the tables passed to the transformer.
         stop_block: raise :class:`StopForward` right after this block's Q/K (and K/V) are recorded; nothing after
             it runs.
+        capture_outputs: blocks whose video output hidden states are recorded into :attr:`outputs` by
+            :func:`~ditflow.forward.forward_until` (the block runs in full; MOFT/SMM losses).
+        outputs: block → video output hidden states ``[B, n_video, D]``, graph kept.
     """
 
     capture_blocks: frozenset[int] = frozenset()
@@ -57,6 +60,8 @@ class AttentionController:
     inject_kv: dict[int, tuple[Tensor, Tensor]] = field(default_factory=dict)
     rope: tuple[RopeTables, RopeTables] | None = None
     stop_block: int | None = None
+    capture_outputs: frozenset[int] = frozenset()
+    outputs: dict[int, Tensor] = field(default_factory=dict)
 
     def reset(self, **fields) -> None:
         """Clears all state, then sets ``fields``; one controller serves every pass of a sampling run."""

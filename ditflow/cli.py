@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Command line: ``python -m ditflow {transfer,inject} ...``; ``--help`` on each documents every option.
+"""Command line: ``python -m ditflow {transfer,inject,evaluate,bench-eval} ...``; ``--help`` on each documents every
+option.
 
 Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Mode
+from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Loss, Mode
 from .errors import DiTFlowError
 
 _DEFAULTS = GuidanceConfig()
@@ -77,8 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="latent: optimise z_t (best motion); rope: RoPE tables (5B), posemb: sin-cos table (2B) — "
                    "both saved for reuse with 'inject'; none: no optimisation ('backbone' with --kv-injection none, "
                    "the 'injection only' baseline with KV injection on). Default latent")
+    g.add_argument("--loss", default=_DEFAULTS.loss.value, choices=[x.value for x in Loss],
+                   help="what the optimisation matches at the guidance block(s): amf = Attention Motion Flow "
+                   "(DiTFlow, default); moft = MOFT's motion channels of the block output; smm = SMM's "
+                   "spatial-mean differences of the block output (the paper's baselines, ported to the DiT)")
     g.add_argument("--guidance-blocks", type=_ints, default=(),
-                   help=f"block(s) whose attention gives the AMF, e.g. 20 or 10,15,20 (default "
+                   help=f"block(s) whose attention gives the AMF (or whose output gives the MOFT/SMM features), e.g. 20 or 10,15,20 (default "
                    f"{DEFAULT_GUIDANCE_BLOCK['5b']} on 5B, {DEFAULT_GUIDANCE_BLOCK['2b']} on 2B)")
     g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
@@ -100,7 +105,114 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--embeds", required=True, help="embeds.safetensors written by 'transfer'")
     _add_sampling_args(i, steps=False)
+
+    e = sub.add_parser("evaluate", help="Motion Fidelity (and CLIP image quality) of a generated video",
+                       description="Prints MF of --generated against --reference (DiTFlow §5.1, SMM's metric) and "
+                       "which tracker produced it, and IQ (CLIP ViT-B/32 frame-prompt cosine) when CLIP weights are "
+                       "on disk.")
+    e.add_argument("--reference", required=True, help="reference video (file or folder of frames)")
+    e.add_argument("--generated", required=True, help="generated video (file or folder of frames)")
+    e.add_argument("--prompt", default=None, help="prompt of the generated video, for IQ (without it IQ is skipped)")
+    _add_metric_args(e)
+    e.add_argument("--size", type=_size, default=None,
+                   help="working size HxW in px for tracking, e.g. 240x360 (default: the reference's size)")
+    e.add_argument("--max-frames", type=int, default=None, help="use only the first N frames of each video")
+
+    b = sub.add_parser("bench-eval", help="run the paper's evaluation (methods × videos × prompts) into one table",
+                       description="For every video and prompt (caption/subject/scene) of --manifest and every "
+                       "method, generates a video and measures MF and IQ; writes DIR/videos/*.mp4, "
+                       "DIR/results/*.json, DIR/table.csv and DIR/table.md. Finished items are skipped on a re-run. "
+                       "Methods: ditflow (latent, AMF), smm and moft (latent, that loss), injection ('injection "
+                       "only': mode none with KV injection) and backbone (mode none, no KV injection).")
+    _add_model_args(b)
+    b.add_argument("--manifest", required=True, help="JSON manifest (see ditflow/evaluation.py; example: "
+                   "examples/bmx_manifest.json); video paths relative to the manifest's folder")
+    b.add_argument("--methods", default="ditflow,smm,moft,injection,backbone",
+                   help="comma-separated subset of ditflow,smm,moft,injection,backbone (default: all)")
+    b.add_argument("--out", required=True, help="output folder")
+    b.add_argument("--height", type=int, default=480, help="generation height in px (default 480)")
+    b.add_argument("--width", type=int, default=720, help="generation width in px (default 720)")
+    b.add_argument("--max-frames", type=int, default=None, help="cap on frames per clip; the first 4k+1 frames of "
+                   "each range are used (24 → 21; default: no cap)")
+    b.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
+                   help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
+    b.add_argument("--guidance-blocks", type=_ints, default=(), help="guidance block(s) (default: the family's)")
+    b.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
+                   help=f"leading fraction of guided steps (default {_DEFAULTS.guidance_fraction})")
+    b.add_argument("--opt-steps", type=int, default=_DEFAULTS.opt_steps,
+                   help=f"Adam iterations per guided step (default {_DEFAULTS.opt_steps})")
+    b.add_argument("--lr-start", type=float, default=_DEFAULTS.lr_start, help=f"default {_DEFAULTS.lr_start}")
+    b.add_argument("--lr-end", type=float, default=_DEFAULTS.lr_end, help=f"default {_DEFAULTS.lr_end}")
+    b.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
+    b.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+    _add_metric_args(b)
+    b.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="distribute items over a Ray cluster ('auto', 'ray://host:10001', or 'local'); needs the "
+                   "optional 'ray' package and the model path on every node (default: sequential, here)")
+    b.add_argument("--ray-workers", type=int, default=None,
+                   help="Ray actors, one model each (default: the cluster's GPU count, else 1)")
     return parser
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a size like 240x360 (height x width), got {text!r}") from None
+    return h, w
+
+
+def _add_metric_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("metrics")
+    g.add_argument("--tracker", default="auto", choices=["auto", "flow", "cotracker"],
+                   help="MF point tracker: cotracker = CoTracker3 offline, the paper's, from the local torch.hub cache "
+                   "only; flow = weight-free DIS optical flow (numbers not comparable with the paper's); auto = "
+                   "cotracker when on disk, else flow (default)")
+    g.add_argument("--cotracker-checkpoint", default=None, help="path of CoTracker3's scaled_offline.pth")
+    g.add_argument("--grid-size", type=int, default=55, help="tracked points per side (paper: 55)")
+    g.add_argument("--clip-model", default=None, help="folder of openai/clip-vit-base-patch32 for IQ (default: the "
+                   "local Hugging Face cache; IQ is skipped, with the reason, when the weights are not on disk)")
+
+
+def _evaluate(args) -> None:
+    from .metrics import clip_score, load_clip, motion_fidelity
+    from .video import load_video
+
+    ref, _ = load_video(args.reference, max_frames=args.max_frames)
+    gen, _ = load_video(args.generated, max_frames=args.max_frames)
+    mf = motion_fidelity(ref, gen, grid_size=args.grid_size, tracker=args.tracker,
+                         cotracker_checkpoint=args.cotracker_checkpoint, size=args.size)
+    note = "" if mf.tracker != "flow" else "; weight-free optical flow, not comparable with the paper's CoTracker3 MF"
+    print(f"MF {mf.score:.4f}  (tracker: {mf.tracker}{note}; {len(mf.tracks_ref)} frames at "
+          f"{mf.size[0]}x{mf.size[1]}, {args.grid_size}x{args.grid_size} points)")
+    if args.prompt is None:
+        print("IQ skipped: no --prompt given")
+        return
+    try:
+        model, processor = load_clip(args.clip_model)
+    except DiTFlowError as err:
+        print(f"IQ skipped: {err}")
+        return
+    print(f"IQ {clip_score(gen, args.prompt, model=model, processor=processor):.4f}  (CLIP ViT-B/32, mean over frames)")
+
+
+def _bench(args) -> None:
+    from .evaluation import BenchOptions, run_benchmark
+
+    guidance = GuidanceConfig(
+        guidance_blocks=args.guidance_blocks, guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps,
+        lr_start=args.lr_start, lr_end=args.lr_end, num_inference_steps=args.steps,
+    )
+    options = BenchOptions(
+        model=_model_options(args), methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        height=args.height, width=args.width, max_frames=args.max_frames, guidance=guidance, seed=args.seed,
+        negative_prompt=args.negative_prompt, grid_size=args.grid_size, tracker=args.tracker,
+        cotracker_checkpoint=args.cotracker_checkpoint, clip_model=args.clip_model,
+    )
+    report = run_benchmark(args.manifest, options, args.out, ray_address=args.ray, ray_workers=args.ray_workers,
+                           log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(report.table_md.read_text(), end="")
+    print(f"ran {len(report.ran)}, skipped {len(report.skipped)} finished; table: {report.table_csv}", file=sys.stderr)
 
 
 class _Progress:
@@ -109,7 +221,7 @@ class _Progress:
     def __call__(self, info: dict) -> None:
         step, n = info["step"] + 1, info["num_steps"]
         if info["iteration"] is None:
-            loss = "" if info["loss"] is None else f"  last AMF loss {info['loss']:.5f}"
+            loss = "" if info["loss"] is None else f"  last guidance loss {info['loss']:.5f}"
             print(f"step {step}/{n}  t={info['timestep']}{loss}", file=sys.stderr, flush=True)
         else:
             print(f"  step {step}/{n} opt {info['iteration'] + 1}: loss {info['loss']:.5f}", file=sys.stderr, flush=True)
@@ -133,9 +245,15 @@ def main(argv: list[str] | None = None) -> int:
     from . import jobs
 
     try:
+        if args.command == "evaluate":
+            _evaluate(args)
+            return 0
+        if args.command == "bench-eval":
+            _bench(args)
+            return 0
         if args.command == "transfer":
             config = GuidanceConfig(
-                mode=args.mode, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
+                mode=args.mode, loss=args.loss, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
                 guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps, lr_start=args.lr_start,
                 lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
                 gradient_checkpointing=not args.no_gradient_checkpointing, **_cfg_kwargs(args),

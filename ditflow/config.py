@@ -37,6 +37,33 @@ class Mode(str, enum.Enum):
             raise DiTFlowError(f"Unknown guidance mode {value!r}; choose one of {choices}.") from None
 
 
+class Loss(str, enum.Enum):
+    """What the guidance loss compares at the guidance block(s) (§4.2 and the baselines of §5, method.md §4).
+
+    ``amf``: Attention Motion Flow, Eq. 8 (DiTFlow). ``moft``: MOFT's motion channels of the block's output
+    features. ``smm``: SMM's spatial-marginal-mean differences of the block's output features. The last two are the
+    paper's baselines ported to the DiT; see :mod:`ditflow.losses`.
+    """
+
+    AMF = "amf"
+    MOFT = "moft"
+    SMM = "smm"
+
+    @property
+    def uses_features(self) -> bool:
+        """Whether the loss reads block-output features (the block runs in full) rather than attention Q/K."""
+        return self is not Loss.AMF
+
+    @classmethod
+    def parse(cls, value: str | Loss) -> Loss:
+        """``"moft"`` → ``Loss.MOFT``; raises :class:`DiTFlowError` naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise DiTFlowError(f"Unknown guidance loss {value!r}; choose one of {choices}.") from None
+
+
 def check_blocks(blocks, num_blocks: int, what: str = "guidance block") -> tuple[int, ...]:
     """Sorted unique block indices, each in 0..num_blocks−1; raises :class:`DiTFlowError` naming the range."""
     blocks = tuple(sorted({int(b) for b in blocks}))
@@ -59,7 +86,9 @@ class GuidanceConfig:
 
     Attributes:
         mode: what is optimised, see :class:`Mode`.
-        guidance_blocks: transformer blocks whose attention gives the AMF; ``()`` means the family default
+        loss: what the optimisation compares, see :class:`Loss` (DiTFlow: ``amf``; baselines ``moft``, ``smm``).
+        guidance_blocks: transformer blocks whose attention gives the AMF (or whose output features give the
+            MOFT/SMM loss); ``()`` means the family default
             (:data:`DEFAULT_GUIDANCE_BLOCK`). Several blocks average their losses (§5.3 ablation {10, 15, 20}).
         temperature: τ multiplying the head-averaged logits before the softmax (Eq. 3; authors' ``motion_temp`` = 2).
         guidance_fraction: T_opt, the leading fraction of denoising steps that are guided (paper: 20 %).
@@ -75,6 +104,7 @@ class GuidanceConfig:
     """
 
     mode: Mode = Mode.LATENT
+    loss: Loss = Loss.AMF
     guidance_blocks: tuple[int, ...] = ()
     temperature: float = 2.0
     guidance_fraction: float = 0.2
@@ -89,6 +119,7 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
+        object.__setattr__(self, "loss", Loss.parse(self.loss))
         object.__setattr__(self, "guidance_blocks", tuple(int(b) for b in self.guidance_blocks))
         object.__setattr__(self, "kv_injection_blocks", tuple(int(b) for b in self.kv_injection_blocks))
         if self.num_inference_steps < 1:
@@ -117,7 +148,7 @@ class GuidanceConfig:
     def resolved(self, family: str, num_blocks: int) -> GuidanceConfig:
         """Fill the family defaults and check blocks against the model; raises :class:`DiTFlowError`."""
         blocks = self.guidance_blocks or (DEFAULT_GUIDANCE_BLOCK[family],)
-        if self.mode is Mode.NONE:  # no AMF is read: the blocks are not used
+        if self.mode is Mode.NONE:  # no AMF or feature is read: the blocks are not used
             blocks = self.guidance_blocks
         cfg, dyn = DEFAULT_CFG[family]
         if self.mode is Mode.ROPE and family != "5b":

@@ -9,6 +9,7 @@ half-finished file behind.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import os
 import platform
@@ -24,7 +25,7 @@ from .config import GuidanceConfig, Mode
 from .embeds import load_embeds, save_embeds
 from .errors import DiTFlowError
 from .layout import video_frames
-from .reference import decode_latents, encode_video, extract_reference, reference_without_amf
+from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
 from .sampler import Callback, SampleResult, sample
 from .text import encode_prompt
 from .video import load_video, prepare_reference, write_video
@@ -68,7 +69,7 @@ def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleRes
         "torch_version": torch.__version__,
         "platform": platform.platform(),
         "settings": settings,
-        "guidance": {k: (v.value if isinstance(v, Mode) else v) for k, v in dataclasses.asdict(config).items()},
+        "guidance": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(config).items()},
         "loss_per_step": result.losses,
         "timings_s": {**timings, **{f"sample.{k}": v for k, v in result.timings.items()}},
     }
@@ -81,6 +82,63 @@ def _load(options: ModelOptions):
         options.path, dtype=options.dtype, device=options.device,
         vae_tiling=options.vae_tiling, vae_slicing=options.vae_slicing,
     )
+
+
+def reference_motion(cog, ref_latents, config: GuidanceConfig) -> ReferenceMotion | None:
+    """What sampling needs from the encoded reference under ``config`` (resolved), running only the passes needed.
+
+    Modes latent/rope/posemb: one reference pass for the configured loss (AMF, or MOFT/SMM features). Mode ``none``:
+    no pass — the latents alone serve KV injection ("injection only"), or nothing at all ("backbone").
+    """
+    if config.mode is not Mode.NONE:
+        return extract_reference(cog, ref_latents, config.guidance_blocks, temperature=config.temperature,
+                                 loss=config.loss)
+    # backbone or injection only: no AMF pass (the authors' script runs one anyway)
+    return reference_without_amf(cog, ref_latents) if config.kv_injection_blocks else None
+
+
+def generate(
+    cog,
+    prompt: str,
+    config: GuidanceConfig,
+    motion: ReferenceMotion | None,
+    *,
+    size: tuple[int, int, int] | None = None,
+    negative_prompt: str = "",
+    seed: int = 0,
+    callback: Callback | None = None,
+    timings: dict | None = None,
+):
+    """Prompt → guided sample → decoded frames with an already loaded model (the core of :func:`transfer`).
+
+    Args:
+        cog: a loaded :class:`~ditflow.loading.CogVideoX`.
+        config: guidance settings, resolved for ``cog`` (:meth:`GuidanceConfig.resolved`).
+        motion: from :func:`reference_motion` (``None`` for the backbone).
+        size: (frames, height, width) in px; needed when ``motion`` is ``None`` (else checked against it).
+        timings: if given, ``encode_prompt`` and ``decode`` seconds are added to it.
+    Returns:
+        (frames ``[F, 3, H, W]`` in [-1, 1], :class:`~ditflow.sampler.SampleResult`).
+    """
+    timings = {} if timings is None else timings
+    tic = time.perf_counter()
+    embeds_text = encode_prompt(cog, prompt, negative_prompt)
+    timings["encode_prompt"] = time.perf_counter() - tic
+    result = sample(cog, embeds_text, config, size=size, seed=seed, reference=motion, callback=callback)
+    tic = time.perf_counter()
+    out_frames = decode_latents(cog, result.latents)
+    timings["decode"] = time.perf_counter() - tic
+    return out_frames, result
+
+
+def read_reference(video: str | os.PathLike, reference: ReferenceOptions):
+    """Loads ``video`` and picks/fits its frames per ``reference``: (frames ``[F, 3, H, W]`` in [-1, 1], fps)."""
+    frames, src_fps = load_video(video)
+    ref_frames = prepare_reference(
+        frames, height=reference.height, width=reference.width, num_frames=reference.num_frames,
+        start=reference.start, stride=reference.stride, resize=reference.resize,
+    )
+    return ref_frames, src_fps
 
 
 def transfer(
@@ -104,11 +162,7 @@ def transfer(
     """
     timings = {}
     tic = time.perf_counter()
-    frames, src_fps = load_video(video)
-    ref_frames = prepare_reference(
-        frames, height=reference.height, width=reference.width, num_frames=reference.num_frames,
-        start=reference.start, stride=reference.stride, resize=reference.resize,
-    )
+    ref_frames, src_fps = read_reference(video, reference)
     timings["read_video"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -117,22 +171,14 @@ def transfer(
     resolved = config.resolved(cog.family, cog.num_blocks)
 
     tic = time.perf_counter()
-    embeds_text = encode_prompt(cog, prompt, negative_prompt)
-    timings["encode_prompt"] = time.perf_counter() - tic
-    tic = time.perf_counter()
     ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
     timings["encode_reference"] = time.perf_counter() - tic
     tic = time.perf_counter()
-    if resolved.mode is not Mode.NONE:
-        motion = extract_reference(cog, ref_latents, resolved.guidance_blocks, temperature=resolved.temperature)
-    else:  # backbone or injection only: no AMF pass (the authors' script runs one anyway)
-        motion = reference_without_amf(cog, ref_latents) if resolved.kv_injection_blocks else None
+    motion = reference_motion(cog, ref_latents, resolved)
     timings["extract_amf"] = time.perf_counter() - tic
 
-    result = sample(cog, embeds_text, resolved, seed=seed, reference=motion, callback=callback)
-    tic = time.perf_counter()
-    out_frames = decode_latents(cog, result.latents)
-    timings["decode"] = time.perf_counter() - tic
+    out_frames, result = generate(cog, prompt, resolved, motion, size=tuple(ref_frames.shape[i] for i in (0, 2, 3)),
+                                  negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,4 +246,7 @@ def inject(
     return record
 
 
-__all__ = ["ModelOptions", "ReferenceOptions", "inject", "transfer", "DiTFlowError"]
+__all__ = [
+    "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "read_reference", "reference_motion",
+    "transfer",
+]

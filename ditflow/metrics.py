@@ -33,15 +33,11 @@ CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
 # Motion Fidelity (SMM, Yatim et al. 2024; DiTFlow §5.1)
 #
 # S[n, m] = mean_t cos(d_gen_n(t), d_ref_m(t)), d(t) = p(t+1) − p(t);  MF = mean_n max_m S[n, m].
-# Differs from SMM's code, which divides by |d| and gives NaN on a zero step: here a step shorter than
-# STATIC_EPS_PX is "static", and cos(static, static) := 1, cos(static, moving) := 0. So a still patch matches a still
-# patch perfectly, identical static videos score 1, and nothing is NaN. Implemented as one matmul: each step is
-# encoded as [ux, uy, z] with (ux, uy) the unit direction (0 when static) and z = 1 when static else 0, so
-# a·b = cos for two moving steps, 1 for two static ones and 0 for a mixed pair.
-# Caveat of that rule (with the max over m): a frozen generated video scores 1 against any reference holding one
-# track that never moves by STATIC_EPS_PX (0.01 px) a frame. Real footage rarely has one (bmx-trees, frozen: 0.0),
-# but synthetic clips with a pixel-still textured background do; static_eps=0 drops the rule (a zero step then
-# has cosine 0 with everything, so identical still videos score 0 instead).
+# Zero-length rule, as SMM's metric intends (its code divides by |d| and would give NaN): a step shorter than
+# STATIC_EPS_PX is a zero vector and has cosine 0 with **anything**, another zero step included. So a frozen video
+# scores 0 against any reference (it is never rewarded for a still background track), identical still videos score
+# 0 (not 1, not NaN), and a track that moves only part of the time earns credit only for its moving steps.
+# Implemented as one matmul of unit step directions (a zero step encodes as the zero vector), so a·b = cos.
 # The eps is a numerical guard, far below tracker jitter: jittering still points count as moving, as in SMM.
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -67,13 +63,12 @@ class MotionFidelity:
 
 
 def _step_codes(tracks: Tensor, static_eps: float) -> Tensor:
-    """``[T, P, 2]`` tracks → ``[P, 3·(T−1)]`` step codes [ux, uy, z] per step (see the banner above)."""
+    """``[T, P, 2]`` tracks → ``[P, 2·(T−1)]`` unit step directions, zero for a static step (see the banner above)."""
     d = (tracks[1:] - tracks[:-1]).double()  # [T-1, P, 2] per-step displacement, pixels
     length = d.norm(dim=-1, keepdim=True)
-    static = length < static_eps
+    static = length < max(static_eps, 1e-12)
     unit = torch.where(static, torch.zeros_like(d), d / length.clamp_min(max(static_eps, 1e-12)))  # zero step → 0
-    codes = torch.cat([unit, static.double()], dim=-1)  # [T-1, P, 3]
-    return codes.permute(1, 0, 2).reshape(codes.shape[1], -1).float()
+    return unit.permute(1, 0, 2).reshape(unit.shape[1], -1).float()
 
 
 def motion_fidelity_from_tracks(
@@ -89,7 +84,7 @@ def motion_fidelity_from_tracks(
     Args:
         tracks_ref: ``[T, M, 2]`` reference tracks, pixel (x, y).
         tracks_gen: ``[T, N, 2]`` generated tracks, same T (M and N may differ).
-        static_eps: steps shorter than this many pixels are static; cos(static, static) = 1, cos(static, moving) = 0.
+        static_eps: steps shorter than this many pixels are zero vectors: cosine 0 with any step (another zero one too).
         return_similarity: also return S ``[N, M]``.
         chunk: generated tracks per matmul, bounding the working memory to chunk × M floats.
     Returns:
@@ -104,8 +99,8 @@ def motion_fidelity_from_tracks(
             f"tracks need one frame count T ≥ 2; got {tracks_ref.shape[0]} (ref), {tracks_gen.shape[0]} (gen)."
         )
     steps = tracks_ref.shape[0] - 1
-    ref = _step_codes(tracks_ref.cpu(), static_eps)  # [M, 3(T-1)]
-    gen = _step_codes(tracks_gen.cpu(), static_eps)  # [N, 3(T-1)]
+    ref = _step_codes(tracks_ref.cpu(), static_eps)  # [M, 2(T-1)]
+    gen = _step_codes(tracks_gen.cpu(), static_eps)  # [N, 2(T-1)]
     best, rows = [], []
     for g in gen.split(chunk):
         s = (g @ ref.T) / steps  # [chunk, M] mean over t of cos
@@ -149,7 +144,7 @@ def motion_fidelity(
         tracker: ``"auto"``, ``"cotracker"`` or ``"flow"`` (see :func:`ditflow.tracking.track_points`).
         cotracker_checkpoint: path of CoTracker3's ``scaled_offline.pth``.
         size: working (H, W) in pixels; default the reference's size.
-        static_eps: pixel length below which a step counts as static (zero-vector rule above).
+        static_eps: pixel length below which a step is a zero vector, cosine 0 with anything (rule above).
         return_similarity: keep S ``[P, P]`` in the result.
     Returns:
         :class:`MotionFidelity` with the score, the tracker name, the tracks and the working size.

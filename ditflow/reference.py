@@ -1,6 +1,9 @@
 # SPDX-License-Identifier: Apache-2.0
 """The reference video's side of DiTFlow: VAE encode/decode and the reference AMF (§4.1–4.2, Alg. 1 line 1).
 
+For the baselines' losses (MOFT/SMM, :mod:`ditflow.losses`) the same reference pass records the guidance blocks'
+output features instead of Q/K; only what the chosen loss reads is computed.
+
 Differs from the authors' script (method.md §6): the reference is encoded deterministically (posterior mean, or
 a seeded sample), the AMF grid is the run's own (no hard-coded 6×30×45), and the AMF pass is skipped entirely
 when no guidance needs it.
@@ -8,16 +11,17 @@ when no guidance needs it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .amf import attention_motion_flow
 from .attention import AttentionController, controlled_attention
-from .config import check_blocks
+from .config import Loss, check_blocks
 from .errors import DiTFlowError
 from .forward import forward_until
+from .losses import video_features
 from .positions import owned_sincos, rope_tables, sincos_table
 from .text import encode_prompt
 
@@ -44,6 +48,12 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
             gen = torch.Generator(device="cpu").manual_seed(sample_seed)
             noise = torch.randn(dist.mean.shape, generator=gen, dtype=torch.float32).to(device, dist.mean.dtype)
             z = dist.mean + dist.std * noise
+    expected = ((frames.shape[0] - 1) // 4 + 1, frames.shape[2] // 8, frames.shape[3] // 8)
+    if tuple(z.shape[2:]) != expected:
+        raise DiTFlowError(
+            f"the VAE encoded {frames.shape[0]}×{frames.shape[2]}×{frames.shape[3]} frames to latent "
+            f"{'×'.join(map(str, z.shape[2:]))} instead of {'×'.join(map(str, expected))}; turn VAE tiling off."
+        )
     return (z * model.vae_scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
 
@@ -72,16 +82,24 @@ class ReferenceMotion:
         grid: token grid (F, h, w) of the reference latents.
         temperature: τ used for the reference (the generated AMF uses the same).
         latents: the scaled reference latents ``[1, F, C, H, W]``, kept for KV injection (noised per step).
+        features: guidance block → block-output video features ``[F, C, h, w]`` (float32, CPU), for the MOFT/SMM
+            losses; empty when the reference was extracted for AMF.
     """
 
     amf: dict[int, Tensor]
     grid: tuple[int, int, int]
     temperature: float
     latents: Tensor
+    features: dict[int, Tensor] = field(default_factory=dict)
 
     @property
     def blocks(self) -> tuple[int, ...]:
-        return tuple(sorted(self.amf))
+        """Blocks the reference was extracted at (its AMF's, else its features')."""
+        return tuple(sorted(self.amf or self.features))
+
+    def has(self, loss: Loss | str) -> bool:
+        """Whether this reference holds what ``loss`` compares against (AMF, or block-output features)."""
+        return bool(self.features if Loss.parse(loss).uses_features else self.amf)
 
 
 def reference_without_amf(model, latents: Tensor) -> ReferenceMotion:
@@ -110,20 +128,37 @@ def capture_qk(
     return controller.captured
 
 
+def capture_outputs(
+    model, latents: Tensor, text_embeds: Tensor, timestep: Tensor, blocks, **forward_kwargs
+) -> dict[int, Tensor]:
+    """One pass up to the deepest of ``blocks`` that returns block → video output hidden states ``[B, n, D]``."""
+    controller = AttentionController(capture_outputs=frozenset(blocks))
+    with controlled_attention(model.transformer, controller):
+        forward_until(model.transformer, controller, latents, text_embeds, timestep, **forward_kwargs)
+    return controller.outputs
+
+
 @torch.no_grad()
-def extract_reference(model, latents: Tensor, blocks, *, temperature: float = 2.0) -> ReferenceMotion:
-    """Reference AMF at ``blocks``: one pass at timestep 0 with the empty prompt, no CFG (§4.2).
+def extract_reference(
+    model, latents: Tensor, blocks, *, temperature: float = 2.0, loss: Loss | str = Loss.AMF
+) -> ReferenceMotion:
+    """Reference motion at ``blocks``: one pass at timestep 0 with the empty prompt, no CFG (§4.2).
+
+    For ``loss="amf"`` the pass stops after the deepest block's Q/K and keeps the hard AMF; for ``"moft"`` /
+    ``"smm"`` it stops after the deepest block's output and keeps the block-output features. Nothing else is run.
 
     Args:
         latents: scaled reference latents ``[1, F, C, H, W]`` from :func:`encode_video`.
         blocks: guidance block indices (see :class:`~ditflow.config.GuidanceConfig`).
-        temperature: τ (Eq. 3).
+        temperature: τ (Eq. 3); recorded but unused by the feature losses.
+        loss: the guidance loss the reference is for (:class:`~ditflow.config.Loss`).
     Raises:
         DiTFlowError: a block out of range or latents of the wrong shape.
     """
+    loss = Loss.parse(loss)
     blocks = check_blocks(blocks, model.num_blocks)
     if not blocks:
-        raise DiTFlowError("at least one guidance block is needed to extract the reference AMF.")
+        raise DiTFlowError("at least one guidance block is needed to extract the reference motion.")
     grid = latent_grid(model, latents)
     transformer = model.transformer
     device, dtype = transformer.device, transformer.dtype
@@ -132,7 +167,14 @@ def extract_reference(model, latents: Tensor, blocks, *, temperature: float = 2.
         z = latents.to(device, dtype).clone()
         rope = rope_tables(transformer, grid, device) if model.family == "5b" else None
         table = sincos_table(transformer, grid).to(device) if model.family == "2b" else None
+        t0 = torch.zeros(1, device=device, dtype=torch.long)
+        amf, features = {}, {}
         with owned_sincos(transformer, lambda: table):
-            qk = capture_qk(model, z, empty, torch.zeros(1, device=device, dtype=torch.long), blocks, image_rotary_emb=rope)
-        amf = {b: attention_motion_flow(q[0], k[0], grid, temperature=temperature, hard=True).cpu() for b, (q, k) in qk.items()}
-    return ReferenceMotion(amf=amf, grid=grid, temperature=temperature, latents=latents.detach().cpu())
+            if loss.uses_features:
+                outs = capture_outputs(model, z, empty, t0, blocks, image_rotary_emb=rope)
+                features = {b: video_features(h, grid).float().cpu() for b, h in outs.items()}
+            else:
+                qk = capture_qk(model, z, empty, t0, blocks, image_rotary_emb=rope)
+                amf = {b: attention_motion_flow(q[0], k[0], grid, temperature=temperature, hard=True).cpu()
+                       for b, (q, k) in qk.items()}
+    return ReferenceMotion(amf=amf, grid=grid, temperature=temperature, latents=latents.detach().cpu(), features=features)

@@ -5,7 +5,9 @@ Per denoising step t:
   1. (guided steps, injection on) noise the reference latents to t with the run's own initial noise, one
      truncated pass with the target prompt, keep video K/V at the injection blocks (§3 "KV injection").
   2. (guided steps, optimisation on) K_opt Adam steps, a fresh Adam each step, on z_t or the positional
-     embeddings: truncated pass, target prompt only (no CFG), soft AMF at the guidance blocks, Eq. 8 loss.
+     embeddings: truncated pass, target prompt only (no CFG), soft AMF at the guidance blocks, Eq. 8 loss — or,
+     for the baselines (``GuidanceConfig.loss`` ``moft``/``smm``), the block-output features and their loss
+     (:mod:`ditflow.losses`).
   3. the normal CFG step, cond and uncond batched, with the optimised z_t / embeddings and the injected K/V.
 
 Differs from the authors' script (method.md §6): the last guided step uses exactly ``lr_end``; the model runs in
@@ -26,11 +28,12 @@ from torch import Tensor
 
 from .amf import amf_loss, attention_motion_flow
 from .attention import AttentionController, controlled_attention
-from .config import GuidanceConfig, Mode
+from .config import GuidanceConfig, Loss, Mode
 from .embeds import PositionEmbeds
 from .errors import DiTFlowError
 from .forward import forward_until
 from .layout import token_grid
+from .losses import moft_channels, moft_loss, smm_loss, video_features
 from .positions import owned_sincos, rope_tables, sincos_table, stack_rope, unstack_rope
 from .reference import ReferenceMotion
 from .text import PromptEmbeds
@@ -48,7 +51,8 @@ class SampleResult:
     Attributes:
         latents: scaled latents ``[1, F, C, H, W]``, float32, CPU.
         embeds: optimised positional embeddings per guided step (modes ``rope``/``posemb``), else ``None``.
-        losses: per guided step, the AMF loss at each Adam iteration (before that iteration's update).
+        losses: per guided step, the guidance loss (AMF, MOFT or SMM) at each Adam iteration (before that
+            iteration's update).
         timings: seconds per phase: ``kv_reference``, ``optimisation``, ``denoising``.
     """
 
@@ -108,15 +112,28 @@ def _amf_objective(captured, ref_amf, grid, temperature) -> Tensor:
     return torch.stack(losses).mean()
 
 
+def _feature_objective(outputs, targets, grid, loss: Loss) -> Tensor:
+    """MOFT or SMM loss (:mod:`ditflow.losses`) averaged over guidance blocks, on the block outputs of this pass.
+
+    ``targets``: block → (reference features ``[F, C, h, w]``, MOFT channels or ``None``).
+    """
+    losses = []
+    for b, hidden in sorted(outputs.items()):
+        generated = video_features(hidden, grid)
+        reference, channels = targets[b]
+        losses.append(moft_loss(generated, reference, channels) if loss is Loss.MOFT else smm_loss(generated, reference))
+    return torch.stack(losses).mean()
+
+
 def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | None) -> GuidanceConfig:
-    if reference is None or not reference.amf:
+    if reference is None or not reference.has(config.loss):
         return config
     if not config.guidance_blocks:
         return dataclasses.replace(config, guidance_blocks=reference.blocks)
     if tuple(sorted(set(config.guidance_blocks))) != reference.blocks:
         raise DiTFlowError(
             f"guidance blocks {list(config.guidance_blocks)} differ from the blocks {list(reference.blocks)} the "
-            "reference AMF was extracted at; extract it at the blocks you guide with."
+            "reference motion was extracted at; extract it at the blocks you guide with."
         )
     return config
 
@@ -153,6 +170,12 @@ def sample(
     optimise = embeds is None and mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
     if optimise and reference is None:
         raise DiTFlowError(f"mode '{mode.value}' optimises toward a reference motion: give a reference video.")
+    if optimise and not reference.has(config.loss):
+        held = "features (MOFT/SMM)" if reference.features else ("an AMF" if reference.amf else "no motion")
+        raise DiTFlowError(
+            f"loss '{config.loss.value}' needs a reference extracted for it, but this reference holds {held}; "
+            f"extract the reference with loss '{config.loss.value}'."
+        )
     config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
     if embeds is not None:
         embeds.check_compatible(model, grid, config.num_inference_steps)
@@ -168,6 +191,11 @@ def sample(
         do_cfg = config.guidance_scale > 1.0
         text_cfg = torch.cat([uncond, cond]) if do_cfg else cond
         ref_amf = {b: a.to(device).float().clone() for b, a in reference.amf.items()} if reference is not None else {}
+        feature_targets = {}
+        if optimise and config.loss.uses_features:  # reference features and MOFT's motion channels, once per run
+            for b in config.guidance_blocks:
+                ref = reference.features[b].to(device).float().clone()
+                feature_targets[b] = (ref, moft_channels(ref) if config.loss is Loss.MOFT else None)
         ref_latents = reference.latents.to(device, dtype).clone() if inject else None
 
         # 2. Timesteps and initial noise, as the diffusers pipeline draws them.
@@ -222,8 +250,11 @@ def sample(
                     optimiser = torch.optim.Adam([param], lr=config.learning_rate(i))
                     step_losses = []
                     for k in range(config.opt_steps):
-                        controller.reset(capture_blocks=frozenset(config.guidance_blocks),
-                                         stop_block=max(config.guidance_blocks), inject_kv=kv)
+                        if config.loss.uses_features:  # the guidance blocks run in full: their outputs are read
+                            controller.reset(capture_outputs=frozenset(config.guidance_blocks), inject_kv=kv)
+                        else:  # early exit after the deepest guidance block's Q/K
+                            controller.reset(capture_blocks=frozenset(config.guidance_blocks),
+                                             stop_block=max(config.guidance_blocks), inject_kv=kv)
                         z_in = param.to(dtype) if mode is Mode.LATENT else latents
                         if mode is Mode.ROPE:
                             controller.rope = unstack_rope(param)
@@ -232,7 +263,10 @@ def sample(
                         with torch.enable_grad():
                             forward_until(transformer, controller, z_in, cond, t.expand(1), image_rotary_emb=stock_rope,
                                           gradient_checkpointing=config.gradient_checkpointing)
-                            loss = _amf_objective(controller.captured, ref_amf, grid, config.temperature)
+                            if config.loss.uses_features:
+                                loss = _feature_objective(controller.outputs, feature_targets, grid, config.loss)
+                            else:
+                                loss = _amf_objective(controller.captured, ref_amf, grid, config.temperature)
                             optimiser.zero_grad(set_to_none=True)
                             loss.backward()
                         optimiser.step()

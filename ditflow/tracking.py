@@ -97,8 +97,9 @@ def track_flow(frames: Tensor, queries: Tensor, *, preset: str = "medium") -> Te
     p(t+1) = p(t) + flow_t(p(t)), with flow_t the DIS flow from frame t to t+1 on grayscale uint8 and the lookup
     bilinear (``cv2.remap``). Points that leave the frame are **not clamped**: they keep moving with the flow of the
     nearest border pixel (``BORDER_REPLICATE``), so their positions may lie outside [0, W−1] × [0, H−1], as
-    CoTracker's do. Clamping was tried and rejected: a clamped point stops, its steps become "static" and match
-    other still points, which pulled MF of two opposite whole-frame pans from −1.0 to −0.05 on a 64 px test clip.
+    CoTracker's do. Clamping was tried and rejected: a clamped point stops and its steps become zero vectors that
+    no longer disagree with anything, which pulled MF of two opposite whole-frame pans from −1.0 to −0.05 on a
+    64 px test clip.
     No visibility is estimated.
 
     Args:

@@ -6,6 +6,7 @@ functions import what they need when they run.
 """
 
 from .embeds_nodes import DiTFlowLoadEmbeds, DiTFlowSaveEmbeds
+from .metrics_nodes import DiTFlowMotionFidelity
 from .model_nodes import DiTFlowDecode, DiTFlowLoadCogVideoX, DiTFlowTextEncode
 from .motion_nodes import DiTFlowEncodeReference, DiTFlowExtractAMF, DiTFlowVisualizeAMF
 from .sampler_node import DiTFlowGuidedSampler
@@ -20,6 +21,7 @@ NODE_CLASS_MAPPINGS = {
     "DiTFlowSaveEmbeds": DiTFlowSaveEmbeds,
     "DiTFlowLoadEmbeds": DiTFlowLoadEmbeds,
     "DiTFlowVisualizeAMF": DiTFlowVisualizeAMF,
+    "DiTFlowMotionFidelity": DiTFlowMotionFidelity,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -32,6 +34,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiTFlowSaveEmbeds": "DiTFlow Save Embeds",
     "DiTFlowLoadEmbeds": "DiTFlow Load Embeds",
     "DiTFlowVisualizeAMF": "DiTFlow Visualize AMF",
+    "DiTFlowMotionFidelity": "DiTFlow Motion Fidelity",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

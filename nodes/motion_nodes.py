@@ -67,15 +67,18 @@ class DiTFlowExtractAMF:
                       "the AMF (0-based). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
             "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "τ scaling "
                             "the attention logits before the softmax (Eq. 3); paper: 2. The sampler uses the same."}),
+            "loss": (["amf", "moft", "smm"], {"default": "amf", "tooltip": "The guidance loss this reference is for: "
+                     "amf reads attention (DiTFlow); moft / smm read the block's output features (baselines). "
+                     "Only that pass is run; set the sampler's loss to match."}),
         }}
 
-    def extract(self, model, reference, block, temperature):
+    def extract(self, model, reference, block, temperature, loss="amf"):
         from ditflow.layout import from_comfy_latent
         from ditflow.reference import extract_reference
 
         bundle = model.use("transformer", "text_encoder")
         latents = from_comfy_latent(reference["samples"], bundle.vae_scaling_factor)
-        return (extract_reference(bundle, latents, [block], temperature=temperature),)
+        return (extract_reference(bundle, latents, [block], temperature=temperature, loss=loss),)
 
 
 class DiTFlowVisualizeAMF:

@@ -71,6 +71,9 @@ class DiTFlowGuidedSampler:
                           "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in px "
                            "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
+                "loss": (["amf", "moft", "smm"], {"default": "amf", "tooltip": "What guidance matches at the "
+                         "guidance block: amf = Attention Motion Flow (DiTFlow); moft / smm = the paper's MOFT and "
+                         "SMM baselines on the block's output features. Extract the reference with the same loss."}),
             },
             "optional": {
                 "amf": ("DITFLOW_AMF", {"tooltip": "Reference motion from DiTFlow Extract AMF: needed by modes "
@@ -81,7 +84,7 @@ class DiTFlowGuidedSampler:
         }
 
     def sample(self, model, conditioning, mode, steps, cfg, seed, guidance_fraction, opt_steps, lr_start, lr_end,
-               kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None):
+               kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None, loss="amf"):
         import comfy.model_management as mm
         from ditflow import GuidanceConfig
         from ditflow.layout import to_comfy_latent
@@ -90,7 +93,7 @@ class DiTFlowGuidedSampler:
         if embeds is not None:
             steps = embeds.num_inference_steps  # injection replays the saved steps
         config = GuidanceConfig(
-            mode=mode, num_inference_steps=steps, guidance_scale=cfg, guidance_fraction=guidance_fraction,
+            mode=mode, loss=loss, num_inference_steps=steps, guidance_scale=cfg, guidance_fraction=guidance_fraction,
             opt_steps=opt_steps, lr_start=lr_start, lr_end=lr_end, kv_injection_blocks=(kv_block,) if kv_injection else (),
             temperature=amf.temperature if amf is not None and amf.amf else 2.0,
         )

@@ -66,16 +66,28 @@ def pan_clip(velocity: int) -> torch.Tensor:
 # --- Motion Fidelity from tracks: the zero-vector rule and the chunked matmul -----------------------------------
 
 
-def test_zero_steps_both_static_match_one_static_zero():
+def test_zero_steps_have_cosine_zero_with_anything():
     still = torch.zeros(3, 1, 2)  # 3 frames, 1 track, never moves
     right = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[2.0, 0.0]]])
     left = -right
-    assert motion_fidelity_from_tracks(still, still)[0] == pytest.approx(1.0)
+    assert motion_fidelity_from_tracks(still, still)[0] == 0.0  # two still tracks: 0, not 1 and not NaN
     assert motion_fidelity_from_tracks(right, still)[0] == 0.0
     assert motion_fidelity_from_tracks(still, right)[0] == 0.0
+    assert motion_fidelity_from_tracks(right, right)[0] == pytest.approx(1.0)
     assert motion_fidelity_from_tracks(right, left)[0] == pytest.approx(-1.0)
-    # static_eps=0 turns the rule off: a zero step then has cosine 0 with everything, still finite.
-    assert motion_fidelity_from_tracks(still, still, static_eps=0.0)[0] == 0.0
+    # A track that stops halfway earns credit for its moving steps only: (1 + 0) / 2.
+    halfway = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]])
+    assert motion_fidelity_from_tracks(right, halfway)[0] == pytest.approx(0.5)
+
+
+def test_frozen_output_is_not_rewarded_by_a_still_reference_track():
+    # Reference: one track moving right, one never moving. A frozen generated video used to match the still track
+    # perfectly (MF 1); now it scores 0, below a generated video that moves like the reference.
+    moving = torch.arange(5.0)[:, None, None] * torch.tensor([1.0, 0.0])
+    ref = torch.cat([moving, torch.zeros(5, 1, 2)], dim=1)
+    frozen = torch.zeros(5, 2, 2)
+    assert motion_fidelity_from_tracks(ref, frozen)[0] == 0.0
+    assert motion_fidelity_from_tracks(ref, moving.repeat(1, 2, 1))[0] == pytest.approx(1.0)
 
 
 def test_chunked_similarity_equals_dense_cosines():
@@ -147,15 +159,16 @@ def test_opposite_pans_score_low():
     assert score < -0.9  # every step points the other way; points leaving the frame keep moving (not clamped)
 
 
-def test_static_videos_score_one_and_never_nan():
+def test_static_videos_score_zero_and_never_nan():
     still_a = pan_clip(0)
     still_b = square_clip(velocity=(0, 0))
     for ref, gen in ((still_a, still_a), (still_a, still_b)):
         result = motion_fidelity(ref, gen, grid_size=GRID, return_similarity=True)
-        assert result.score == pytest.approx(1.0)
+        assert result.score == pytest.approx(0.0)
         assert torch.isfinite(result.similarity).all()
-    # A frozen video against a pan: no step is shared, so cosine 0 everywhere.
+    # A frozen video against a pan or the moving square: nothing to match, cosine 0 everywhere.
     assert motion_fidelity(pan_clip(2), still_a, grid_size=GRID).score == pytest.approx(0.0)
+    assert motion_fidelity(square_clip(), still_b, grid_size=GRID).score == pytest.approx(0.0)
 
 
 def test_different_frame_counts_and_sizes_are_resampled():

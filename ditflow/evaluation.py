@@ -1,0 +1,457 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Evaluation runner for DiTFlow §5.1: every method × video × prompt kind → videos, MF / IQ, one table.
+
+A manifest (JSON) lists reference videos, each with a ``[start, end, step]`` frame range and the paper's three
+prompts (``caption``, ``subject``, ``scene``)::
+
+    {"videos": [{"name": "bmx-trees", "video": "../../shared/videos/bmx-trees.mp4", "frames": [0, 24, 1],
+                 "prompts": {"caption": "...", "subject": "...", "scene": "..."}}]}
+
+``video`` is absolute or relative to the manifest file. Methods (:data:`METHODS`) are the paper's Table 1 rows, all
+on one base :class:`~ditflow.config.GuidanceConfig`, so that they differ only in what the row names.
+
+Frames: the paper uses 24 frames per clip; CogVideoX needs 4k+1, so the runner keeps the **first** ``4k+1`` frames of
+the range, the largest such count that fits (24 → 21, capped by ``max_frames``). MF is measured between those
+reference frames (at the generation size) and the generated video; IQ between the generated frames and the prompt.
+
+Outputs in ``out``: ``videos/<video>_<method>_<kind>.mp4``, ``results/<video>_<method>_<kind>.json`` (one record per
+item, written last and atomically: an item is finished when both exist and is then skipped on a re-run),
+``table.csv`` and ``table.md``. Work runs sequentially in this process, or over a Ray cluster (``ray_address``;
+``ray`` is optional and imported only then): each Ray worker loads the model once and returns frames and record,
+and the driver writes every file, so workers need the model path but no shared output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .config import GuidanceConfig
+from .errors import DiTFlowError
+from .jobs import ModelOptions, ReferenceOptions, _write_json, generate, read_reference, reference_motion
+from .video import write_video
+
+#: Method name → the GuidanceConfig fields it sets over the base config (Table 1 rows).
+#: ditflow/smm/moft keep the base config's KV injection (paper default: on at block 0), so they differ in the loss only.
+METHODS: dict[str, dict] = {
+    "ditflow": {"mode": "latent", "loss": "amf"},
+    "smm": {"mode": "latent", "loss": "smm"},
+    "moft": {"mode": "latent", "loss": "moft"},
+    "injection": {"mode": "none"},  # "injection only": no optimisation, reference K/V injected
+    "backbone": {"mode": "none", "kv_injection_blocks": ()},  # plain CogVideoX
+}
+PROMPT_KINDS = ("caption", "subject", "scene")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestVideo:
+    """One manifest entry: ``name`` (file-name safe), resolved ``path``, ``frames`` = (start, end, step), prompts."""
+
+    name: str
+    path: Path
+    frames: tuple[int, int, int]
+    prompts: dict[str, str]
+
+    def reference_options(self, height: int, width: int, max_frames: int | None) -> ReferenceOptions:
+        """The :class:`~ditflow.jobs.ReferenceOptions` of this clip: the first 4k+1 frames of the range."""
+        return ReferenceOptions(num_frames=clip_frame_count(self.frames, max_frames), height=height, width=width,
+                                start=self.frames[0], stride=self.frames[2])
+
+
+def clip_frame_count(frames: tuple[int, int, int], max_frames: int | None = None) -> int:
+    """Largest 4k+1 ≤ the number of frames in ``range(start, end, step)`` (and ≤ ``max_frames``); 24 → 21.
+
+    Raises:
+        DiTFlowError: if fewer than 5 frames (2 latent frames: motion needs two) remain.
+    """
+    start, end, step = frames
+    n = len(range(start, end, step))
+    if max_frames is not None:
+        n = min(n, max_frames)
+    count = (n - 1) // 4 * 4 + 1 if n > 0 else 0
+    if count < 5:
+        raise DiTFlowError(f"frame range [{start}, {end}, {step}] gives {n} frame(s); at least 5 are needed (4k+1).")
+    return count
+
+
+def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
+    """Reads and checks a manifest (format in the module docstring); relative video paths are resolved against
+    the manifest's folder.
+
+    Raises:
+        DiTFlowError: unreadable JSON, a missing field, a bad name, range or prompt kind (the message names it).
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DiTFlowError(f"cannot read manifest {path}: {err}") from None
+    entries = data.get("videos") if isinstance(data, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DiTFlowError(f"manifest {path} needs a non-empty list 'videos'.")
+    videos, seen = [], set()
+    for i, e in enumerate(entries):
+        where = f"manifest {path}, video {i}"
+        if not isinstance(e, dict) or not {"name", "video", "frames", "prompts"} <= set(e):
+            raise DiTFlowError(f"{where}: needs the keys name, video, frames, prompts.")
+        name = str(e["name"])
+        if not _NAME.match(name) or name in seen:
+            raise DiTFlowError(f"{where}: name {name!r} must be unique and use only letters, digits, '.', '_', '-'.")
+        seen.add(name)
+        frames = e["frames"]
+        if not (isinstance(frames, list) and len(frames) == 3 and all(isinstance(v, int) for v in frames)
+                and frames[0] >= 0 and frames[2] >= 1):
+            raise DiTFlowError(f"{where}: frames must be [start, end, step] integers, start ≥ 0, step ≥ 1; got {frames}.")
+        prompts = e["prompts"]
+        if not isinstance(prompts, dict) or not prompts or not set(prompts) <= set(PROMPT_KINDS):
+            raise DiTFlowError(f"{where}: prompts must map some of {', '.join(PROMPT_KINDS)} to text; got {prompts}.")
+        video = Path(e["video"]).expanduser()
+        video = video if video.is_absolute() else (path.parent / video)
+        videos.append(ManifestVideo(name, video.resolve(), tuple(frames), {k: str(v) for k, v in prompts.items()}))
+    return videos
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Options and items
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """Everything but the manifest: model, methods, generation size, base guidance, metrics.
+
+    Attributes:
+        height, width: generation size in px (paper: 480×720). ``max_frames`` caps the 4k+1 count per clip.
+        guidance: base settings every method starts from (steps, T_opt, blocks, ...; defaults: the paper's).
+        grid_size, tracker, cotracker_checkpoint: MF tracking (paper: 55×55 CoTracker3; ``auto`` falls back to flow).
+        clip_model: folder of CLIP ViT-B/32 for IQ; ``None`` tries the local Hugging Face cache; if neither has the
+            weights, IQ is skipped and the reason recorded.
+    """
+
+    model: ModelOptions
+    methods: tuple[str, ...] = tuple(METHODS)
+    height: int = 480
+    width: int = 720
+    max_frames: int | None = None
+    guidance: GuidanceConfig = GuidanceConfig()
+    seed: int = 0
+    negative_prompt: str = ""
+    grid_size: int = 55
+    tracker: str = "auto"
+    cotracker_checkpoint: str | None = None
+    clip_model: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise DiTFlowError(f"unknown method(s) {unknown or '(none given)'}; choose from {', '.join(METHODS)}.")
+
+    def config(self, method: str) -> GuidanceConfig:
+        return dataclasses.replace(self.guidance, **METHODS[method])
+
+
+@dataclass(frozen=True)
+class Item:
+    """One generation: a manifest video, a method and a prompt kind; ``key`` names its files."""
+
+    video: ManifestVideo
+    method: str
+    kind: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.video.name}_{self.method}_{self.kind}"
+
+    @property
+    def prompt(self) -> str:
+        return self.video.prompts[self.kind]
+
+
+def items_of(videos: list[ManifestVideo], methods) -> list[Item]:
+    """Every (video, method, prompt kind), video-major so that a worker's reference caches are reused."""
+    return [Item(v, m, k) for v in videos for m in methods for k in PROMPT_KINDS if k in v.prompts]
+
+
+def _paths(out: Path, item: Item) -> tuple[Path, Path]:
+    return out / "videos" / f"{item.key}.mp4", out / "results" / f"{item.key}.json"
+
+
+def is_done(out: Path, item: Item) -> bool:
+    """An item is finished when its video and its result record both exist (the record is written last)."""
+    video, record = _paths(out, item)
+    return video.is_file() and record.is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One worker: a loaded model, reference caches, the metrics
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Worker:
+    """Runs items with one loaded model (lazily loaded); caches reference latents and motion per video."""
+
+    def __init__(self, options: BenchOptions):
+        self.options = options
+        self._cog = None
+        self._latents: dict[str, Tensor] = {}
+        self._motion: dict[tuple, object] = {}
+        self._clip = None  # (model, processor) or the reason IQ is skipped
+
+    @property
+    def cog(self):
+        if self._cog is None:
+            from .jobs import _load
+
+            self._cog = _load(self.options.model)
+        return self._cog
+
+    def _clip_or_reason(self):
+        if self._clip is None:
+            from .metrics import load_clip
+
+            try:
+                self._clip = load_clip(self.options.clip_model)
+            except DiTFlowError as err:
+                self._clip = str(err)
+            except ImportError as err:  # pragma: no cover - transformers is a dependency
+                self._clip = f"transformers cannot load CLIP: {err}"
+        return self._clip
+
+    def run(self, item: Item, ref_frames: Tensor) -> tuple[Tensor, dict]:
+        """Generates ``item`` and measures it; returns (frames ``[F, 3, H, W]`` in [-1, 1], result record)."""
+        from .metrics import clip_score, motion_fidelity
+        from .reference import encode_video
+
+        cog, opts = self.cog, self.options
+        timings: dict[str, float] = {}
+        config = opts.config(item.method).resolved(cog.family, cog.num_blocks)
+        tic = time.perf_counter()
+        name = item.video.name
+        if name not in self._latents:
+            self._latents[name] = encode_video(cog, ref_frames)
+        key = (name, config.mode, config.loss, config.guidance_blocks, config.temperature, bool(config.kv_injection_blocks))
+        if key not in self._motion:
+            self._motion[key] = reference_motion(cog, self._latents[name], config)
+        timings["reference"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        size = (ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
+        frames, result = generate(cog, item.prompt, config, self._motion[key], size=size,
+                                  negative_prompt=opts.negative_prompt, seed=opts.seed, timings=timings)
+        timings["generate"] = time.perf_counter() - tic
+
+        tic = time.perf_counter()
+        mf = motion_fidelity(ref_frames, frames, grid_size=opts.grid_size, tracker=opts.tracker,
+                             cotracker_checkpoint=opts.cotracker_checkpoint)
+        timings["motion_fidelity"] = time.perf_counter() - tic
+        clip = self._clip_or_reason()
+        iq, iq_skipped = None, None
+        if isinstance(clip, str):
+            iq_skipped = clip
+        else:
+            tic = time.perf_counter()
+            iq = clip_score(frames, item.prompt, model=clip[0], processor=clip[1])
+            timings["clip_score"] = time.perf_counter() - tic
+        record = {
+            "video": name, "method": item.method, "prompt_kind": item.kind, "prompt": item.prompt,
+            "mf": mf.score, "tracker": mf.tracker, "iq": iq, "iq_skipped": iq_skipped,
+            "frames": int(frames.shape[0]), "size": [opts.height, opts.width], "seed": opts.seed,
+            "model": str(opts.model.path), "model_family": cog.family,
+            "guidance": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()},
+            "loss_per_step": result.losses, "timings_s": timings,
+        }
+        return frames, record
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Runner
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchReport:
+    """What :func:`run_benchmark` did: records of every item (new and skipped), and the files of the table."""
+
+    records: list[dict]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    table_csv: Path | None = None
+    table_md: Path | None = None
+
+
+def _finish(out: Path, item: Item, frames: Tensor, record: dict, fps: float) -> None:
+    video, path = _paths(out, item)
+    write_video(video, frames, fps)  # atomic
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(path, record)  # atomic, and last: its presence marks the item done
+
+
+def _reference_frames(videos: list[ManifestVideo], options: BenchOptions) -> dict[str, tuple[Tensor, float]]:
+    refs = {}
+    for v in videos:
+        frames, fps = read_reference(v.path, v.reference_options(options.height, options.width, options.max_frames))
+        refs[v.name] = (frames, fps / v.frames[2])
+    return refs
+
+
+def run_benchmark(
+    manifest: str | os.PathLike,
+    options: BenchOptions,
+    out: str | os.PathLike,
+    *,
+    ray_address: str | None = None,
+    ray_workers: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> BenchReport:
+    """Runs every unfinished item of ``manifest`` × ``options.methods`` and writes the table (see module docstring).
+
+    Args:
+        ray_address: a Ray cluster address (``"auto"``, ``"ray://host:10001"``, ``"local"`` to start one here);
+            ``None`` runs sequentially in this process. An already initialised Ray is used as it is.
+        ray_workers: Ray actors, each holding one model (default: the cluster's GPU count, else 1). Each asks for a
+            GPU when the model device is CUDA.
+        log: receives one line per item (default: silent).
+    Raises:
+        DiTFlowError: bad manifest, options or videos (before any model is loaded); ``ray`` missing.
+    """
+    out = Path(out)
+    log = log or (lambda line: None)
+    videos = load_manifest(manifest)
+    refs = _reference_frames(videos, options)  # reads and checks every clip before any model is loaded
+    items = items_of(videos, options.methods)
+    todo = [i for i in items if not is_done(out, i)]
+    report = BenchReport(records=[], skipped=[i.key for i in items if i not in todo])
+    for key in report.skipped:
+        log(f"skip {key} (finished)")
+    if todo:
+        run = _run_ray if ray_address is not None else _run_local
+        for item, frames, record in run(todo, refs, options, ray_address=ray_address, ray_workers=ray_workers):
+            _finish(out, item, frames, record, refs[item.video.name][1])
+            report.ran.append(item.key)
+            log(f"done {item.key}: MF {record['mf']:.3f} ({record['tracker']})"
+                + ("" if record["iq"] is None else f", IQ {record['iq']:.3f}"))
+    report.records = [json.loads(_paths(out, i)[1].read_text()) for i in items]
+    report.table_csv, report.table_md = write_table(out, report.records, options.methods)
+    return report
+
+
+def _run_local(todo, refs, options, **_):
+    worker = Worker(options)
+    for item in todo:
+        frames, record = worker.run(item, refs[item.video.name][0])
+        yield item, frames, record
+
+
+class _RayWorker:  # the body of the Ray actor: a Worker plus uint8 frames (a quarter of the float32 payload)
+    def __init__(self, options: BenchOptions):
+        self.worker = Worker(options)
+
+    def run(self, item: Item, ref_frames: Tensor):
+        frames, record = self.worker.run(item, ref_frames)
+        return ((frames.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8), record
+
+
+def _run_ray(todo, refs, options, *, ray_address, ray_workers):
+    try:
+        import ray
+        from ray.util import ActorPool
+    except ImportError:
+        raise DiTFlowError("--ray needs the optional 'ray' package (pip install ray); without --ray the benchmark "
+                           "runs sequentially here.") from None
+    if not ray.is_initialized():
+        ray.init(address=None if ray_address == "local" else ray_address)
+    gpu = str(options.model.device).startswith("cuda")
+    if ray_workers is None:
+        ray_workers = max(1, int(ray.cluster_resources().get("GPU", 0))) if gpu else 1
+    actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1)(_RayWorker)
+    workers = [actor.remote(options) for _ in range(min(ray_workers, len(todo)))]
+    ref_refs = {name: ray.put(frames) for name, (frames, _) in refs.items()}
+    by_key = {i.key: i for i in todo}
+    pool = ActorPool(workers)
+    for frames, record in pool.map_unordered(lambda w, it: w.run.remote(it, ref_refs[it.video.name]), todo):
+        item = by_key[f"{record['video']}_{record['method']}_{record['prompt_kind']}"]
+        yield item, frames.float() / 127.5 - 1, record
+    for w in workers:
+        ray.kill(w)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Table
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarise(records: list[dict], methods) -> list[dict]:
+    """Rows (method, prompt kind incl. ``all``) with the mean MF and IQ over videos and the item count."""
+    rows = []
+    for m in methods:
+        mine = [r for r in records if r["method"] == m]
+        for kind in [*PROMPT_KINDS, "all"]:
+            sel = [r for r in mine if kind in ("all", r["prompt_kind"])]
+            if sel:
+                rows.append({"method": m, "prompt_kind": kind, "n": len(sel), "mf": _mean(r["mf"] for r in sel),
+                             "iq": _mean(r["iq"] for r in sel)})
+    return rows
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
+
+
+def write_table(out: Path, records: list[dict], methods) -> tuple[Path, Path]:
+    """Writes ``table.csv`` (one row per method × prompt kind) and ``table.md`` (methods × kinds, MF / IQ)."""
+    rows = summarise(records, methods)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["method", "prompt_kind", "n", "mf", "iq"], lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({**r, "mf": "" if r["mf"] is None else f"{r['mf']:.4f}",
+                         "iq": "" if r["iq"] is None else f"{r['iq']:.4f}"})
+    kinds = [k for k in [*PROMPT_KINDS, "all"] if any(r["prompt_kind"] == k for r in rows)]
+    trackers = sorted({r["tracker"] for r in records})
+    skipped = sorted({r["iq_skipped"] for r in records if r.get("iq_skipped")})
+    lines = ["| method | " + " | ".join(f"{k.capitalize()} MF / IQ" for k in kinds) + " |",
+             "|---|" + "---|" * len(kinds)]
+    cell = {(r["method"], r["prompt_kind"]): r for r in rows}
+    for m in methods:
+        vals = [cell.get((m, k)) for k in kinds]
+        lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{_fmt(v['mf'])} / {_fmt(v['iq'])}"
+                                            for v in vals) + " |")
+    videos = sorted({r["video"] for r in records})
+    lines += ["", f"{len(videos)} video(s): {', '.join(videos)}. MF tracker: {', '.join(trackers)}."]
+    if skipped:
+        lines.append(f"IQ skipped: {skipped[0]}")
+    csv_path, md_path = out / "table.csv", out / "table.md"
+    out.mkdir(parents=True, exist_ok=True)
+    for path, text in ((csv_path, buf.getvalue()), (md_path, "\n".join(lines) + "\n")):
+        tmp = path.with_suffix(path.suffix + ".part")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return csv_path, md_path
+
+
+__all__ = [
+    "METHODS", "PROMPT_KINDS", "BenchOptions", "BenchReport", "Item", "ManifestVideo", "Worker",
+    "clip_frame_count", "items_of", "load_manifest", "run_benchmark", "summarise", "write_table",
+]

@@ -1,0 +1,187 @@
+# SPDX-License-Identifier: Apache-2.0
+"""Evaluation: the bench-eval runner (manifest → videos, per-item records, one table; resumable; Ray) and the
+``evaluate`` command.
+
+Runner clip (VAE tiling off, see ``TINY_MODEL``): 12 frames of a panning texture at 64×96 px; the range [0, 12, 1] gives 12 frames → the first 4k+1 = 9
+→ 3 latent frames of 4×6 patches on the tiny 5b model; 2 denoising steps, the first guided with 2 Adam iterations.
+MF uses the flow tracker on an 11×11 grid; IQ is skipped (no CLIP weights here) and the table says why.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from ditflow import DiTFlowError, GuidanceConfig
+from ditflow.cli import main
+from ditflow.evaluation import BenchOptions, clip_frame_count, load_manifest, run_benchmark
+from ditflow.jobs import ModelOptions
+from ditflow.video import write_video
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def TINY_MODEL(path) -> ModelOptions:
+    # VAE tiling off: diffusers' tile strides on the tiny VAE (26 px) turn 64-px frames into 9 latent rows.
+    return ModelOptions(str(path), dtype="fp32", device="cpu", vae_tiling=False)
+
+
+@pytest.fixture(autouse=True)
+def no_cotracker_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> Path:
+    """A 1-video manifest (caption prompt only) next to its clip, referenced by a relative path."""
+    folder = tmp_path_factory.mktemp("bench")
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.random((64, 160)).astype(np.float32), (0, 0), 2.0)
+    texture = (texture - texture.min()) / (texture.max() - texture.min()) * 2 - 1
+    frames = torch.from_numpy(np.stack([np.repeat(texture[None, :, 3 * t : 3 * t + 96], 3, 0) for t in range(12)]))
+    write_video(folder / "clips" / "pan.mp4", frames, 8.0)
+    path = folder / "manifest.json"
+    path.write_text(json.dumps({"videos": [{"name": "pan", "video": "clips/pan.mp4", "frames": [0, 12, 1],
+                                            "prompts": {"caption": "a panning texture"}}]}))
+    return path
+
+
+def _cli_args(model, manifest, out, methods):
+    return ["bench-eval", "--model", str(model), "--dtype", "fp32", "--device", "cpu", "--no-vae-tiling",
+            "--manifest", str(manifest),
+            "--methods", methods, "--out", str(out), "--height", "64", "--width", "96", "--max-frames", "9",
+            "--steps", "2", "--guidance-fraction", "0.5", "--opt-steps", "2", "--guidance-blocks", "1",
+            "--grid-size", "11", "--tracker", "flow", "--clip-model", str(out / "no-clip")]
+
+
+def _count_samples(monkeypatch) -> list:
+    import ditflow.jobs
+
+    calls, real = [], ditflow.jobs.sample
+    monkeypatch.setattr(ditflow.jobs, "sample", lambda *a, **k: calls.append(k.get("seed")) or real(*a, **k))
+    return calls
+
+
+def test_manifest_paths_ranges_and_frame_counts(manifest, tmp_path):
+    (video,) = load_manifest(manifest)
+    assert video.path == manifest.parent / "clips" / "pan.mp4" and video.frames == (0, 12, 1)
+    assert clip_frame_count((0, 24, 1)) == 21  # the paper's 24 frames → the largest 4k+1
+    assert clip_frame_count((0, 24, 2)) == 9 and clip_frame_count((0, 100, 1), max_frames=9) == 9
+    with pytest.raises(DiTFlowError, match="at least 5"):
+        clip_frame_count((0, 4, 1))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"videos": [{"name": "x y", "video": "a.mp4", "frames": [0, 9, 1], "prompts": {}}]}))
+    with pytest.raises(DiTFlowError, match="name"):
+        load_manifest(bad)
+    with pytest.raises(DiTFlowError, match="unknown method"):
+        BenchOptions(model=ModelOptions("m"), methods=("ditflow", "motionclone"))
+
+
+def test_bench_eval_writes_videos_records_and_table_then_skips_finished_items(
+    tiny_5b_path, manifest, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    calls = _count_samples(monkeypatch)
+    assert main(_cli_args(tiny_5b_path, manifest, out, "ditflow,backbone")) == 0
+    assert len(calls) == 2
+    for method in ("ditflow", "backbone"):
+        assert (out / "videos" / f"pan_{method}_caption.mp4").is_file()
+        record = json.loads((out / "results" / f"pan_{method}_caption.json").read_text())
+        assert record["frames"] == 9 and record["tracker"] == "flow" and math.isfinite(record["mf"])
+        assert record["iq"] is None and "does not exist" in record["iq_skipped"]
+    assert json.loads((out / "results" / "pan_ditflow_caption.json").read_text())["guidance"]["loss"] == "amf"
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert [(r["method"], r["prompt_kind"]) for r in rows] == [
+        ("ditflow", "caption"), ("ditflow", "all"), ("backbone", "caption"), ("backbone", "all")]
+    table = (out / "table.md").read_text()
+    assert "| ditflow |" in table and "| backbone |" in table and "IQ skipped" in table
+    assert table in capsys.readouterr().out
+
+    # Re-run: nothing is sampled again and no file is rewritten.
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "videos").iterdir()}
+    assert main(_cli_args(tiny_5b_path, manifest, out, "ditflow,backbone")) == 0
+    assert len(calls) == 2
+    assert {p: p.stat().st_mtime_ns for p in (out / "videos").iterdir()} == stamps
+    # An item without its record (say, killed after writing the video) is run again, alone.
+    (out / "results" / "pan_backbone_caption.json").unlink()
+    options = BenchOptions(model=TINY_MODEL(tiny_5b_path),
+                           methods=("ditflow", "backbone"), height=64, width=96, max_frames=9,
+                           guidance=GuidanceConfig(num_inference_steps=2, guidance_fraction=0.5, opt_steps=2,
+                                                   guidance_blocks=(1,)),
+                           grid_size=11, tracker="flow", clip_model=str(out / "no-clip"))
+    report = run_benchmark(manifest, options, out)
+    assert report.ran == ["pan_backbone_caption"] and report.skipped == ["pan_ditflow_caption"]
+    assert len(calls) == 3 and len(report.records) == 2
+
+
+def test_bench_eval_over_a_local_two_worker_ray(tiny_5b_path, manifest, tmp_path):
+    ray = pytest.importorskip("ray")
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
+           "TORCH_HOME": str(tmp_path / "hub")}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    try:
+        options = BenchOptions(model=TINY_MODEL(tiny_5b_path),
+                               methods=("injection", "backbone"), height=64, width=96, max_frames=9,
+                               guidance=GuidanceConfig(num_inference_steps=2), grid_size=11, tracker="flow",
+                               clip_model=str(tmp_path / "no-clip"))
+        report = run_benchmark(manifest, options, tmp_path / "out", ray_address="local", ray_workers=2)
+    finally:
+        ray.shutdown()
+    assert sorted(report.ran) == ["pan_backbone_caption", "pan_injection_caption"]
+    assert all((tmp_path / "out" / "videos" / f"{k}.mp4").is_file() for k in report.ran)
+    assert "| injection |" in report.table_md.read_text()
+
+
+def test_ray_missing_is_one_readable_error(tiny_5b_path, manifest, tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    options = BenchOptions(model=TINY_MODEL(tiny_5b_path), methods=("backbone",),
+                           height=64, width=96, max_frames=9)
+    with pytest.raises(DiTFlowError, match="optional 'ray' package"):
+        run_benchmark(manifest, options, tmp_path / "out", ray_address="auto")
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------------
+
+
+def _mf(text: str) -> float:
+    line = next(line for line in text.splitlines() if line.startswith("MF "))
+    return float(line.split()[1])
+
+
+def test_evaluate_bmx_against_itself_and_reversed(bmx_path, tmp_path, capsys):
+    from ditflow.video import load_video
+
+    frames, fps = load_video(bmx_path)
+    reversed_path = write_video(tmp_path / "reversed.mp4", frames.flip(0), fps)
+    args = ["evaluate", "--reference", str(bmx_path), "--size", "120x180", "--tracker", "flow"]
+    assert main([*args, "--generated", str(bmx_path)]) == 0
+    same = capsys.readouterr().out
+    assert _mf(same) >= 0.99 and "tracker: flow" in same and "IQ skipped: no --prompt given" in same
+    assert main([*args, "--generated", str(reversed_path)]) == 0
+    assert _mf(capsys.readouterr().out) < 0.0
+
+
+def test_evaluate_real_clip_reports_mf_and_why_iq_was_skipped(real_clip_path, tmp_path, capsys):
+    args = ["evaluate", "--reference", str(real_clip_path), "--generated", str(real_clip_path), "--max-frames", "9",
+            "--size", "72x128", "--grid-size", "11", "--prompt", "a big rabbit", "--clip-model", str(tmp_path / "none")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert -1.0 <= _mf(out) <= 1.0 and "(tracker: flow" in out
+    assert "IQ skipped: CLIP model folder" in out and "does not exist" in out
