@@ -188,8 +188,11 @@ def _vae(variant: str):
         layers_per_block=1,
         norm_num_groups=4,
         temporal_compression_ratio=4,
-        sample_height=SAMPLE_LATENT_HEIGHT * 8,
-        sample_width=SAMPLE_LATENT_WIDTH * 8,
+        # The real 480×720: the VAE's sample size only sets its tiling threshold and tile offsets (240×360 tiles,
+        # offsets 200/288 px). Tiles of a small sample size start off the 8-px grid and diffusers' tiled encode then
+        # returns a wrong latent size (64×96 px → 9×12).
+        sample_height=480,
+        sample_width=720,
         scaling_factor=_FAMILY[variant]["vae_scaling_factor"],
     )
     _reinit_(model)

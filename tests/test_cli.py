@@ -1,0 +1,123 @@
+# SPDX-License-Identifier: Apache-2.0
+"""End to end through the command line: ``transfer`` then ``inject`` on real clips, and bad input.
+
+Sizes: 9 frames → 3 latent frames; 64×96 px → 8×12 latent px → 4×6 patches; 4 steps, the first 2 guided.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import av
+import pytest
+from safetensors import safe_open
+
+from ditflow.cli import main
+
+TINY = ["--num-frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--guidance-fraction", "0.5",
+        "--opt-steps", "2", "--guidance-blocks", "1", "--dtype", "fp32", "--device", "cpu"]
+
+
+def _frames(path):
+    with av.open(str(path)) as c:
+        frames = [f for f in c.decode(video=0)]
+    return len(frames), frames[0].height, frames[0].width
+
+
+def _transfer_then_inject(model_path, video, mode, tmp_path, extra=()):
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", str(model_path), "--video", str(video), "--prompt", "a leopard running",
+                 "--out", str(out), "--mode", mode, *TINY, *extra]) == 0
+    assert _frames(out / "result.mp4") == (9, 64, 96)
+    assert _frames(out / "reference.mp4") == (9, 64, 96)
+    run = json.loads((out / "run.json").read_text())
+    assert run["guidance"]["mode"] == mode and run["guidance"]["guidance_blocks"] == [1]
+    assert len(run["loss_per_step"]) == 2 and all(len(s) == 2 for s in run["loss_per_step"])
+    assert run["settings"]["frames_written"] == 9
+    with safe_open(str(out / "embeds.safetensors"), framework="pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert meta["mode"] == mode and json.loads(meta["latent_grid"]) == [3, 4, 6]
+    assert meta["reference"] == video.name and meta["prompt"] == "a leopard running"
+    assert meta["num_inference_steps"] == "4" and len(json.loads(meta["guided_timesteps"])) == 2 == len(keys)
+
+    out2 = tmp_path / "out2"
+    assert main(["inject", "--model", str(model_path), "--embeds", str(out / "embeds.safetensors"),
+                 "--prompt", "a polar bear walking", "--out", str(out2), "--dtype", "fp32", "--device", "cpu"]) == 0
+    assert _frames(out2 / "result.mp4") == (9, 64, 96)
+    run2 = json.loads((out2 / "run.json").read_text())
+    assert run2["job"] == "inject" and run2["loss_per_step"] == []
+    return out
+
+
+def test_transfer_then_inject_on_bmx_trees_rope(tiny_5b_path, bmx_path, tmp_path):
+    _transfer_then_inject(tiny_5b_path, bmx_path, "rope", tmp_path, ["--stride", "2"])
+
+
+def test_transfer_then_inject_on_a_packaged_real_clip_posemb(tiny_2b_path, real_clip_path, tmp_path):
+    _transfer_then_inject(tiny_2b_path, real_clip_path, "posemb", tmp_path)
+
+
+def _error(capsys, argv, out):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    err = err.splitlines()[-1]  # after any weight-loading progress bar
+    assert err.startswith("error: ")
+    assert not out.exists() or not any(out.iterdir())  # nothing half-written
+    return err
+
+
+@pytest.mark.parametrize("case,args,message", [
+    ("missing video", ["--video", "{tmp}/nope.mp4"], "does not exist"),
+    ("too few frames", ["--video", "{bmx}", "--num-frames", "49"], "has 24 frames"),
+    ("frame count", ["--video", "{bmx}", "--num-frames", "8"], "4k+1"),
+    ("size", ["--video", "{bmx}", "--height", "250"], "multiple of 16"),
+    ("block", ["--video", "{bmx}", "--guidance-blocks", "9"], "out of range"),
+])
+def test_bad_transfer_input_is_one_clear_line(tiny_5b_path, bmx_path, tmp_path, capsys, case, args, message):
+    out = tmp_path / "out"
+    base = ["transfer", "--model", str(tiny_5b_path), "--prompt", "x", "--out", str(out), *TINY]
+    args = [a.format(tmp=tmp_path, bmx=bmx_path) for a in args]
+    assert message in _error(capsys, base + args, out)
+
+
+def test_corrupt_and_empty_videos_are_refused(tiny_5b_path, tmp_path, capsys):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x01not a video" * 100)
+    empty = tmp_path / "frames"
+    empty.mkdir()
+    for video in (bad, empty):
+        out = tmp_path / f"out_{video.name}"
+        _error(capsys, ["transfer", "--model", str(tiny_5b_path), "--video", str(video), "--prompt", "x",
+                        "--out", str(out), *TINY], out)
+
+
+def test_missing_model_folder_is_refused(tmp_path, real_clip_path, capsys):
+    out = tmp_path / "out"
+    err = _error(capsys, ["transfer", "--model", str(tmp_path / "no-model"), "--video", str(real_clip_path),
+                          "--prompt", "x", "--out", str(out), *TINY], out)
+    assert "no-model" in err
+
+
+def test_embeddings_of_another_family_are_refused(tiny_2b_path, tiny_5b_path, real_clip_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", str(tiny_5b_path), "--video", str(real_clip_path), "--prompt", "x",
+                 "--out", str(out), "--mode", "rope", *TINY]) == 0
+    out2 = tmp_path / "out2"
+    err = _error(capsys, ["inject", "--model", str(tiny_2b_path), "--embeds", str(out / "embeds.safetensors"),
+                          "--prompt", "y", "--out", str(out2), "--dtype", "fp32", "--device", "cpu"], out2)
+    assert "model family 5b" in err and "2b" in err
+
+
+def test_help_documents_every_option():
+    for cmd in ("transfer", "inject"):
+        text = subprocess.run([sys.executable, "-m", "ditflow", cmd, "--help"], capture_output=True, text=True,
+                              check=True).stdout
+        for option in ("--model", "--prompt", "--out", "--seed", "--cfg"):
+            assert option in text
+    text = subprocess.run([sys.executable, "-m", "ditflow", "transfer", "--help"], capture_output=True, text=True,
+                          check=True).stdout
+    for option in ("--mode", "--guidance-blocks", "--temperature", "--kv-injection", "--lr-end", "--stride"):
+        assert option in text
