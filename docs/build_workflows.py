@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Writes the example workflows (ComfyUI UI format, version 0.4) into ``example_workflows/``.
+"""Writes the example workflows (ComfyUI UI format, version 0.4) into ``workflows/``.
 
 Run from the repository root: ``python docs/build_workflows.py``. Inputs, outputs and widget order of our nodes
 come from their ``INPUT_TYPES``; the few core nodes used are described here. Defaults are for the real
@@ -214,7 +214,7 @@ if __name__ == "__main__":
         import comfy_stubs
 
         comfy_stubs.install(tempfile.mkdtemp())
-    out = ROOT / "example_workflows"
+    out = ROOT / "workflows"
     out.mkdir(exist_ok=True)
     for name, make in WORKFLOWS.items():
         (out / f"{name}.json").write_text(json.dumps(make(), indent=1, ensure_ascii=False) + "\n")

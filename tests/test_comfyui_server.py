@@ -24,7 +24,7 @@ HARNESS = Path(os.environ.get("DITFLOW_COMFY_HARNESS", ROOT.parent / "shared" / 
 COMFY_HOME = Path(os.environ.get("COMFY_HOME", "/root/comfy"))
 PORT = int(os.environ.get("DITFLOW_COMFY_PORT", "8197"))
 URL = f"http://127.0.0.1:{PORT}"
-WORKFLOWS = ROOT / "example_workflows"
+WORKFLOWS = ROOT / "workflows"
 
 pytestmark = pytest.mark.skipif(
     not (COMFY_HOME / "ComfyUI" / "main.py").is_file() or not (HARNESS / "start_comfy.sh").is_file(),
@@ -67,7 +67,7 @@ def server(tmp_path_factory, request):
 
 
 def run_workflow(name: str, tmp_path: Path, overrides: dict | None = None) -> dict:
-    """Converts ``example_workflows/<name>.json`` to API format, shrinks it, runs it; returns the harness report."""
+    """Converts ``workflows/<name>.json`` to API format, shrinks it, runs it; returns the harness report."""
     api_path = tmp_path / f"{name}_api.json"
     tool = [sys.executable, str(HARNESS / "run_api_workflow.py"), "--server", URL]
     conv = subprocess.run([*tool, str(WORKFLOWS / f"{name}.json"), "--convert-only", str(api_path)],
