@@ -191,7 +191,7 @@ def _evaluate(args) -> None:
     try:
         model, processor = load_clip(args.clip_model)
     except DiTFlowError as err:
-        print(f"IQ skipped: {err}")
+        print(f"IQ skipped: {err} (here: --clip-model FOLDER)")
         return
     print(f"IQ {clip_score(gen, args.prompt, model=model, processor=processor):.4f}  (CLIP ViT-B/32, mean over frames)")
 

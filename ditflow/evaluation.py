@@ -40,7 +40,14 @@ from torch import Tensor
 
 from .config import GuidanceConfig
 from .errors import DiTFlowError
-from .jobs import ModelOptions, ReferenceOptions, _write_json, generate, read_reference, reference_motion
+from .jobs import (
+    ModelOptions,
+    ReferenceOptions,
+    _write_json,
+    generate,
+    read_reference,
+    reference_motion,
+)
 from .video import write_video
 
 #: Method name → the GuidanceConfig fields it sets over the base config (Table 1 rows).

@@ -10,10 +10,10 @@ class DiTFlowMotionFidelity:
     RETURN_TYPES = ("FLOAT", "IMAGE")
     RETURN_NAMES = ("motion_fidelity", "plot")
     OUTPUT_TOOLTIPS = (
-        "MF in [-1, 1]: mean over generated tracks of the best mean step-direction cosine with a reference track "
-        "(1 = the same motion; a frozen video scores 0).",
-        "Both videos' tracks over the first reference frame, the score and the tracker; the generated first frame "
-        "is inset top right.",
+        ("MF in [-1, 1]: mean over generated tracks of the best mean step-direction cosine with a reference track "
+         "(1 = the same motion; a frozen video scores 0)."),
+        ("Both videos' tracks over the first reference frame, the score and the tracker; the generated first frame "
+         "is inset top right."),
     )
     DESCRIPTION = "Measures how closely a generated video's motion follows a reference video (Motion Fidelity, §5.1)."
 
@@ -40,6 +40,7 @@ class DiTFlowMotionFidelity:
 
     def measure(self, reference, generated, grid_size, tracker, cotracker_checkpoint=""):
         import torch
+
         from ditflow.layout import image_to_frames
         from ditflow.metrics import motion_fidelity, plot_motion_fidelity
 

@@ -22,7 +22,12 @@ import torch
 
 from ditflow import DiTFlowError, GuidanceConfig
 from ditflow.cli import main
-from ditflow.evaluation import BenchOptions, clip_frame_count, load_manifest, run_benchmark
+from ditflow.evaluation import (
+    BenchOptions,
+    clip_frame_count,
+    load_manifest,
+    run_benchmark,
+)
 from ditflow.jobs import ModelOptions
 from ditflow.video import write_video
 
@@ -185,3 +190,24 @@ def test_evaluate_real_clip_reports_mf_and_why_iq_was_skipped(real_clip_path, tm
     out = capsys.readouterr().out
     assert -1.0 <= _mf(out) <= 1.0 and "(tracker: flow" in out
     assert "IQ skipped: CLIP model folder" in out and "does not exist" in out
+
+
+# --- DiTFlow Motion Fidelity node ---------------------------------------------------------------------------------
+
+
+def test_motion_fidelity_node_scores_and_plots_two_image_batches():
+    from ditflow.layout import frames_to_image
+    from nodes.metrics_nodes import DiTFlowMotionFidelity
+
+    rng = np.random.default_rng(1)
+    texture = cv2.GaussianBlur(rng.random((64, 120)).astype(np.float32), (0, 0), 2.0)
+    texture = (texture - texture.min()) / (texture.max() - texture.min()) * 2 - 1
+    pan = torch.from_numpy(np.stack([np.repeat(texture[None, :, 2 * t : 2 * t + 64], 3, 0) for t in range(9)]))
+    image = frames_to_image(pan)  # IMAGE [9, 64, 64, 3] in [0, 1]
+    node = DiTFlowMotionFidelity()
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        same, plot = node.measure(image, image, grid_size=11, tracker="flow")
+        reverse, _ = node.measure(image, image.flip(0), grid_size=11, tracker="flow")
+    assert isinstance(same, float) and same >= 0.99 and reverse < -0.5
+    assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
+    assert 0.0 <= plot.min() and plot.max() <= 1.0

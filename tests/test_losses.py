@@ -12,14 +12,20 @@ import torch
 from ditflow import DiTFlowError, GuidanceConfig
 from ditflow.attention import AttentionController, controlled_attention
 from ditflow.forward import forward_until
-from ditflow.losses import moft_channels, moft_loss, smm_loss, spatial_marginal_mean, video_features
+from ditflow.losses import (
+    moft_channels,
+    moft_loss,
+    smm_loss,
+    spatial_marginal_mean,
+    video_features,
+)
 from ditflow.positions import rope_tables
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
 
-# As tests/test_sampler.py: 4 steps, the first 2 guided, a large lr so that a random tiny model moves visibly.
-FAST = dict(num_inference_steps=4, guidance_fraction=0.5, opt_steps=3, lr_start=0.05, lr_end=0.02)
+# 2 steps, both guided, 3 Adam iterations each; a large lr so that a random tiny model moves visibly.
+FAST = dict(num_inference_steps=2, guidance_fraction=1.0, opt_steps=3, lr_start=0.05, lr_end=0.02)
 
 
 def _frames(*vectors_per_frame) -> torch.Tensor:
