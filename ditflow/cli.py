@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "only': mode none with KV injection) and backbone (mode none, no KV injection).")
     _add_model_args(b)
     b.add_argument("--manifest", required=True, help="JSON manifest (see ditflow/evaluation.py; example: "
-                   "examples/bmx_manifest.json); video paths relative to the manifest's folder")
+                   "benchmarks/manifests/bmx_manifest.json); video paths relative to the manifest's folder")
     b.add_argument("--methods", default="ditflow,smm,moft,injection,backbone",
                    help="comma-separated subset of ditflow,smm,moft,injection,backbone (default: all)")
     b.add_argument("--out", required=True, help="output folder")

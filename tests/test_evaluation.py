@@ -211,3 +211,14 @@ def test_motion_fidelity_node_scores_and_plots_two_image_batches():
     assert isinstance(same, float) and same >= 0.99 and reverse < -0.5
     assert plot.ndim == 4 and plot.shape[0] == 1 and plot.shape[-1] == 3 and plot.dtype == torch.float32
     assert 0.0 <= plot.min() and plot.max() <= 1.0
+
+
+def test_sample_manifest_points_at_bmx_trees_with_three_prompt_kinds(bmx_path):
+    from pathlib import Path
+
+    from ditflow.evaluation import PROMPT_KINDS, load_manifest
+
+    manifest = Path(__file__).resolve().parents[1] / "benchmarks/manifests/bmx_manifest.json"
+    (video,) = load_manifest(manifest)
+    assert video.path.resolve() == bmx_path.resolve()
+    assert sorted(video.prompts) == sorted(PROMPT_KINDS) and video.frames == (0, 24, 1)
