@@ -13,7 +13,20 @@ from dataclasses import dataclass
 from .errors import DiTFlowError
 
 
-class Mode(str, enum.Enum):
+class _Choice(str, enum.Enum):
+    """A string option of the guidance: ``Mode.parse("latent")`` → ``Mode.LATENT``."""
+
+    @classmethod
+    def parse(cls, value):
+        """The member named by ``value``; raises :class:`DiTFlowError` naming the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            choices = ", ".join(m.value for m in cls)
+            raise DiTFlowError(f"Unknown guidance {cls.__name__.lower()} {value!r}; choose one of {choices}.") from None
+
+
+class Mode(_Choice):
     """What the guidance optimises (§4.3).
 
     ``latent``: the noisy latent z_t itself (DiTFlow-z_t, best motion fidelity).
@@ -27,17 +40,8 @@ class Mode(str, enum.Enum):
     POSEMB = "posemb"
     NONE = "none"
 
-    @classmethod
-    def parse(cls, value: str | Mode) -> Mode:
-        """``"latent"`` → ``Mode.LATENT``; raises :class:`DiTFlowError` naming the choices."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise DiTFlowError(f"Unknown guidance mode {value!r}; choose one of {choices}.") from None
 
-
-class Loss(str, enum.Enum):
+class Loss(_Choice):
     """What the guidance loss compares at the guidance block(s) (§4.2 and the baselines of §5, method.md §4).
 
     ``amf``: Attention Motion Flow, Eq. 8 (DiTFlow). ``moft``: MOFT's motion channels of the block's output
@@ -53,15 +57,6 @@ class Loss(str, enum.Enum):
     def uses_features(self) -> bool:
         """Whether the loss reads block-output features (the block runs in full) rather than attention Q/K."""
         return self is not Loss.AMF
-
-    @classmethod
-    def parse(cls, value: str | Loss) -> Loss:
-        """``"moft"`` → ``Loss.MOFT``; raises :class:`DiTFlowError` naming the choices."""
-        try:
-            return cls(value)
-        except ValueError:
-            choices = ", ".join(m.value for m in cls)
-            raise DiTFlowError(f"Unknown guidance loss {value!r}; choose one of {choices}.") from None
 
 
 def check_blocks(blocks, num_blocks: int, what: str = "guidance block") -> tuple[int, ...]:

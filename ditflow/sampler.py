@@ -17,10 +17,11 @@ uncond run as one batch. Defaults: :class:`~ditflow.config.GuidanceConfig`.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
 from collections.abc import Callable
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -138,6 +139,197 @@ def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | 
     return config
 
 
+def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
+    """Fails before any compute, quoting the bad values; returns (grid, resolved config, optimise?)."""
+    grid = _resolve_grid(model, reference, embeds, size)
+    optimise = embeds is None and config.mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
+    if optimise and reference is None:
+        raise DiTFlowError(f"mode '{config.mode.value}' optimises toward a reference motion: give a reference video.")
+    if optimise and not reference.has(config.loss):
+        held = "features (MOFT/SMM)" if reference.features else ("an AMF" if reference.amf else "no motion")
+        raise DiTFlowError(
+            f"loss '{config.loss.value}' needs a reference extracted for it, but this reference holds {held}; "
+            f"extract the reference with loss '{config.loss.value}'."
+        )
+    config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
+    if embeds is not None:
+        embeds.check_compatible(model, grid, config.num_inference_steps)
+    return grid, config, optimise
+
+
+class _GuidedRun:
+    """State of one sampling run; one method per phase of a denoising step (see the module docstring).
+
+    Built and used inside ``torch.inference_mode(False)``: inputs are cloned there so that tensors made under
+    ComfyUI's inference mode can enter autograd.
+    """
+
+    def __init__(self, model, prompt, config, grid, optimise, seed, reference, embeds, callback):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        self.model, self.config, self.grid, self.optimise = model, config, grid, optimise
+        self.embeds, self.callback = embeds, callback
+        transformer = self.transformer = model.transformer
+        device, dtype = self.device, self.dtype = transformer.device, transformer.dtype
+        self.inject = bool(config.kv_injection_blocks) and reference is not None
+
+        # 1. Text (cond and uncond batched for CFG) and the reference's targets.
+        self.cond = prompt.cond.to(device, dtype).clone()
+        self.do_cfg = config.guidance_scale > 1.0
+        self.text_cfg = torch.cat([prompt.uncond.to(device, dtype), self.cond]) if self.do_cfg else self.cond
+        self.ref_latents = reference.latents.to(device, dtype).clone() if self.inject else None
+        self.ref_amf, self.feature_targets = {}, {}
+        if optimise and config.loss is Loss.AMF:
+            self.ref_amf = {b: reference.amf[b].to(device).float().clone() for b in config.guidance_blocks}
+        elif optimise:  # reference features and MOFT's motion channels, once per run
+            for b in config.guidance_blocks:
+                ref = reference.features[b].to(device).float().clone()
+                self.feature_targets[b] = (ref, moft_channels(ref) if config.loss is Loss.MOFT else None)
+
+        # 2. Timesteps and initial noise, drawn as the diffusers pipeline draws them.
+        self.scheduler = model.make_scheduler()
+        self.scheduler.set_timesteps(config.num_inference_steps, device=device)
+        self.timesteps = self.scheduler.timesteps
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        frames, h, w = grid
+        p = model.patch_size
+        shape = (1, frames, transformer.config.in_channels, h * p, w * p)
+        self.noise = randn_tensor(shape, generator=self.generator, device=device, dtype=dtype)
+        self.latents = self.noise * self.scheduler.init_noise_sigma
+        self.step_kwargs = _step_kwargs(self.scheduler, self.generator)
+        self.old_pred_original = None
+
+        # 3. Positions: RoPE tables (5B) or the owned sin-cos table (2B); a trainable copy for ρ_t, warm-started
+        #    across guided steps.
+        self.stock_rope = rope_tables(transformer, grid, device) if model.family == "5b" else None
+        self.stock_table = sincos_table(transformer, grid).to(device) if model.family == "2b" else None
+        self.table = self.stock_table  # what the patch embedding adds on 2B (owned_sincos reads it every pass)
+        self.trainable = None
+        if optimise and config.mode is Mode.ROPE:
+            self.trainable = stack_rope(*self.stock_rope)
+        elif optimise and config.mode is Mode.POSEMB:
+            self.trainable = self.stock_table.clone()
+
+        self.controller = AttentionController()
+        self.saved_tables: list[Tensor] = []
+        self.losses: list[list[float]] = []
+        self.timings = {"kv_reference": 0.0, "optimisation": 0.0, "denoising": 0.0}
+
+    def hooks(self):
+        """The model patches of the whole run, restored in ``finally`` (also on error or cancel)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(controlled_attention(self.transformer, self.controller))
+        stack.enter_context(owned_sincos(self.transformer, lambda: self.table))
+        return stack
+
+    def _timed(self, phase: str, tic: float) -> None:
+        self.timings[phase] += time.perf_counter() - tic
+
+    def reference_kv(self, t: Tensor) -> dict:
+        """§3 KV injection: the reference noised to ``t`` with the run's own noise, video K/V at the injection blocks."""
+        tic = time.perf_counter()
+        blocks = self.config.kv_injection_blocks
+        z_ref = self.scheduler.add_noise(self.ref_latents, self.noise, t.reshape(1))
+        self.controller.reset(record_kv_blocks=frozenset(blocks), stop_block=max(blocks))
+        with torch.no_grad():
+            forward_until(self.transformer, self.controller, z_ref, self.cond, t.expand(1),
+                          image_rotary_emb=self.stock_rope)
+        self._timed("kv_reference", tic)
+        return dict(self.controller.recorded_kv)
+
+    def _loss(self, param: Tensor, t: Tensor, kv: dict) -> Tensor:
+        """One optimisation pass: target prompt only (no CFG), truncated at the guidance blocks."""
+        config, controller, mode = self.config, self.controller, self.config.mode
+        blocks = frozenset(config.guidance_blocks)
+        if config.loss.uses_features:  # the guidance blocks run in full: their outputs are read
+            controller.reset(capture_outputs=blocks, inject_kv=kv)
+        else:  # early exit right after the deepest guidance block's Q/K
+            controller.reset(capture_blocks=blocks, stop_block=max(blocks), inject_kv=kv)
+        if mode is Mode.ROPE:
+            controller.rope = unstack_rope(param)
+        if mode is Mode.POSEMB:
+            self.table = param
+        z_in = param.to(self.dtype) if mode is Mode.LATENT else self.latents
+        forward_until(self.transformer, controller, z_in, self.cond, t.expand(1), image_rotary_emb=self.stock_rope,
+                      gradient_checkpointing=config.gradient_checkpointing)
+        if config.loss.uses_features:
+            return _feature_objective(controller.outputs, self.feature_targets, self.grid, config.loss)
+        return _amf_objective(controller.captured, self.ref_amf, self.grid, config.temperature)
+
+    def optimise_step(self, i: int, t: Tensor, kv: dict, info: dict) -> None:
+        """Alg. 1 inner loop: K_opt Adam iterations, a fresh Adam, on z_t or the positional embeddings."""
+        tic = time.perf_counter()
+        latent_mode = self.config.mode is Mode.LATENT
+        param = self.latents.detach().float().clone() if latent_mode else self.trainable
+        param.requires_grad_(True)
+        optimiser = torch.optim.Adam([param], lr=self.config.learning_rate(i))
+        step_losses = []
+        for k in range(self.config.opt_steps):
+            with torch.enable_grad():
+                loss = self._loss(param, t, kv)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+            optimiser.step()
+            step_losses.append(loss.item())
+            if self.callback is not None:
+                self.callback({**info, "iteration": k, "loss": step_losses[-1], "latents": self.latents})
+        param.requires_grad_(False)
+        self.losses.append(step_losses)
+        if latent_mode:
+            self.latents = param.detach().to(self.dtype)
+        else:
+            self.trainable = param.detach()
+            self.saved_tables.append(self.trainable.clone().cpu())
+        self._timed("optimisation", tic)
+
+    def _step_table(self, i: int, guided: bool) -> Tensor | None:
+        """Positional table of step ``i``: just optimised, loaded for injection, or ``None`` (stock)."""
+        if guided and self.optimise and self.config.mode is not Mode.LATENT:
+            return self.trainable
+        if self.embeds is not None and i < len(self.embeds.tables):
+            return self.embeds.tables[i].to(self.device)
+        return None
+
+    def denoise_step(self, i: int, t: Tensor, kv: dict, guided: bool, info: dict) -> None:
+        """The CFG step (cond and uncond batched) with the optimised z_t or embeddings and the injected K/V."""
+        tic = time.perf_counter()
+        self.controller.reset(inject_kv=kv)
+        table = self._step_table(i, guided)
+        if table is not None and self.model.family == "5b":
+            self.controller.rope = unstack_rope(table)
+        self.table = table if (table is not None and self.model.family == "2b") else self.stock_table
+        with torch.no_grad():
+            model_in = torch.cat([self.latents] * 2) if self.do_cfg else self.latents
+            model_in = self.scheduler.scale_model_input(model_in, t)
+            noise_pred = self.transformer(hidden_states=model_in, encoder_hidden_states=self.text_cfg,
+                                          timestep=t.expand(model_in.shape[0]), image_rotary_emb=self.stock_rope,
+                                          return_dict=False)[0].float()
+        config = self.config
+        if self.do_cfg:
+            scale = _dynamic_scale(config.guidance_scale, t, len(self.timesteps)) if config.dynamic_cfg else config.guidance_scale
+            noise_uncond, noise_text = noise_pred.chunk(2)
+            noise_pred = noise_uncond + scale * (noise_text - noise_uncond)
+        t_prev = self.timesteps[i - 1] if i > 0 else None
+        latents, self.old_pred_original = _scheduler_step(
+            self.scheduler, noise_pred, self.old_pred_original, t, t_prev, self.latents, self.step_kwargs)
+        self.latents = latents.to(self.dtype)
+        self._timed("denoising", tic)
+        if self.callback is not None:
+            loss = self.losses[-1][-1] if guided and self.optimise else None
+            self.callback({**info, "iteration": None, "loss": loss, "latents": self.latents})
+
+    def result(self, prompt: PromptEmbeds) -> SampleResult:
+        embeds = None
+        if self.saved_tables:
+            embeds = PositionEmbeds(
+                mode=self.config.mode, family=self.model.family, grid=self.grid, head_dim=self.model.head_dim,
+                num_inference_steps=self.config.num_inference_steps,
+                timesteps=tuple(int(t) for t in self.timesteps[: len(self.saved_tables)]), tables=self.saved_tables,
+                prompt=prompt.prompt,
+            )
+        return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings)
+
+
 def sample(
     model,
     prompt: PromptEmbeds,
@@ -164,159 +356,15 @@ def sample(
     Raises:
         DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference.
     """
-    transformer = model.transformer
-    grid = _resolve_grid(model, reference, embeds, size)
-    mode = config.mode
-    optimise = embeds is None and mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
-    if optimise and reference is None:
-        raise DiTFlowError(f"mode '{mode.value}' optimises toward a reference motion: give a reference video.")
-    if optimise and not reference.has(config.loss):
-        held = "features (MOFT/SMM)" if reference.features else ("an AMF" if reference.amf else "no motion")
-        raise DiTFlowError(
-            f"loss '{config.loss.value}' needs a reference extracted for it, but this reference holds {held}; "
-            f"extract the reference with loss '{config.loss.value}'."
-        )
-    config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
-    if embeds is not None:
-        embeds.check_compatible(model, grid, config.num_inference_steps)
-    inject = bool(config.kv_injection_blocks) and reference is not None
-
-    device, dtype = transformer.device, transformer.dtype
-    frames, h, w = grid
-    p = model.patch_size
+    grid, config, optimise = _check_inputs(model, config, reference, embeds, size)
     with torch.inference_mode(False):
-        # 1. Inputs: clone so that tensors made under ComfyUI's inference_mode can enter autograd.
-        cond = prompt.cond.to(device, dtype).clone()
-        uncond = prompt.uncond.to(device, dtype).clone()
-        do_cfg = config.guidance_scale > 1.0
-        text_cfg = torch.cat([uncond, cond]) if do_cfg else cond
-        ref_amf = {b: a.to(device).float().clone() for b, a in reference.amf.items()} if reference is not None else {}
-        feature_targets = {}
-        if optimise and config.loss.uses_features:  # reference features and MOFT's motion channels, once per run
-            for b in config.guidance_blocks:
-                ref = reference.features[b].to(device).float().clone()
-                feature_targets[b] = (ref, moft_channels(ref) if config.loss is Loss.MOFT else None)
-        ref_latents = reference.latents.to(device, dtype).clone() if inject else None
-
-        # 2. Timesteps and initial noise, as the diffusers pipeline draws them.
-        from diffusers.utils.torch_utils import randn_tensor
-
-        scheduler = model.make_scheduler()
-        scheduler.set_timesteps(config.num_inference_steps, device=device)
-        timesteps = scheduler.timesteps
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        shape = (1, frames, transformer.config.in_channels, h * p, w * p)
-        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = noise * scheduler.init_noise_sigma
-        step_kwargs = _step_kwargs(scheduler, generator)
-
-        # 3. Positions: RoPE tables (5B) or the owned sin-cos table (2B); trainable copies for ρ_t.
-        stock_rope = rope_tables(transformer, grid, device) if model.family == "5b" else None
-        stock_table = sincos_table(transformer, grid).to(device) if model.family == "2b" else None
-        position = {"table": stock_table}
-        trainable = None
-        if optimise and mode is Mode.ROPE:
-            trainable = stack_rope(*stock_rope)
-        elif optimise and mode is Mode.POSEMB:
-            trainable = stock_table.clone()
-        saved_tables: list[Tensor] = []
-
-        controller = AttentionController()
-        losses: list[list[float]] = []
-        timings = {"kv_reference": 0.0, "optimisation": 0.0, "denoising": 0.0}
-        old_pred_original = None
-        with controlled_attention(transformer, controller), owned_sincos(transformer, lambda: position["table"]):
-            for i, t in enumerate(timesteps):
+        run = _GuidedRun(model, prompt, config, grid, optimise, seed, reference, embeds, callback)
+        with run.hooks():
+            for i, t in enumerate(run.timesteps):
                 guided = i < config.num_guided_steps
-                info = {"step": i, "num_steps": len(timesteps), "timestep": int(t)}
-
-                # 4. Reference K/V for injection (guided steps only).
-                kv = {}
-                if guided and inject:
-                    tic = time.perf_counter()
-                    z_ref = scheduler.add_noise(ref_latents, noise, t.reshape(1))
-                    controller.reset(record_kv_blocks=frozenset(config.kv_injection_blocks),
-                                     stop_block=max(config.kv_injection_blocks))
-                    with torch.no_grad():
-                        forward_until(transformer, controller, z_ref, cond, t.expand(1), image_rotary_emb=stock_rope)
-                    kv = dict(controller.recorded_kv)
-                    timings["kv_reference"] += time.perf_counter() - tic
-
-                # 5. Optimisation of z_t or of the positional embeddings (Alg. 1 inner loop).
+                info = {"step": i, "num_steps": len(run.timesteps), "timestep": int(t)}
+                kv = run.reference_kv(t) if guided and run.inject else {}
                 if guided and optimise:
-                    tic = time.perf_counter()
-                    param = latents.detach().float().clone() if mode is Mode.LATENT else trainable
-                    param.requires_grad_(True)
-                    optimiser = torch.optim.Adam([param], lr=config.learning_rate(i))
-                    step_losses = []
-                    for k in range(config.opt_steps):
-                        if config.loss.uses_features:  # the guidance blocks run in full: their outputs are read
-                            controller.reset(capture_outputs=frozenset(config.guidance_blocks), inject_kv=kv)
-                        else:  # early exit after the deepest guidance block's Q/K
-                            controller.reset(capture_blocks=frozenset(config.guidance_blocks),
-                                             stop_block=max(config.guidance_blocks), inject_kv=kv)
-                        z_in = param.to(dtype) if mode is Mode.LATENT else latents
-                        if mode is Mode.ROPE:
-                            controller.rope = unstack_rope(param)
-                        if mode is Mode.POSEMB:
-                            position["table"] = param
-                        with torch.enable_grad():
-                            forward_until(transformer, controller, z_in, cond, t.expand(1), image_rotary_emb=stock_rope,
-                                          gradient_checkpointing=config.gradient_checkpointing)
-                            if config.loss.uses_features:
-                                loss = _feature_objective(controller.outputs, feature_targets, grid, config.loss)
-                            else:
-                                loss = _amf_objective(controller.captured, ref_amf, grid, config.temperature)
-                            optimiser.zero_grad(set_to_none=True)
-                            loss.backward()
-                        optimiser.step()
-                        step_losses.append(loss.item())
-                        if callback is not None:
-                            callback({**info, "iteration": k, "loss": step_losses[-1], "latents": latents})
-                    param.requires_grad_(False)
-                    losses.append(step_losses)
-                    if mode is Mode.LATENT:
-                        latents = param.detach().to(dtype)
-                    else:
-                        trainable = param.detach()
-                        saved_tables.append(trainable.clone().cpu())
-                    timings["optimisation"] += time.perf_counter() - tic
-
-                # 6. The CFG denoising step with what guidance produced.
-                tic = time.perf_counter()
-                controller.reset(inject_kv=kv)
-                table = None
-                if guided and optimise and mode is not Mode.LATENT:
-                    table = trainable
-                elif embeds is not None and i < len(embeds.tables):
-                    table = embeds.tables[i].to(device)
-                if table is not None and model.family == "5b":
-                    controller.rope = unstack_rope(table)
-                position["table"] = table if (table is not None and model.family == "2b") else stock_table
-                with torch.no_grad():
-                    model_in = torch.cat([latents] * 2) if do_cfg else latents
-                    model_in = scheduler.scale_model_input(model_in, t)
-                    noise_pred = transformer(hidden_states=model_in, encoder_hidden_states=text_cfg,
-                                             timestep=t.expand(model_in.shape[0]), image_rotary_emb=stock_rope,
-                                             return_dict=False)[0].float()
-                scale = _dynamic_scale(config.guidance_scale, t, len(timesteps)) if config.dynamic_cfg else config.guidance_scale
-                if do_cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + scale * (noise_text - noise_uncond)
-                latents, old_pred_original = _scheduler_step(
-                    scheduler, noise_pred, old_pred_original, t, timesteps[i - 1] if i > 0 else None, latents, step_kwargs)
-                latents = latents.to(dtype)
-                timings["denoising"] += time.perf_counter() - tic
-                if callback is not None:
-                    callback({**info, "iteration": None, "loss": losses[-1][-1] if guided and optimise else None,
-                              "latents": latents})
-
-    result_embeds = None
-    if saved_tables:
-        result_embeds = PositionEmbeds(
-            mode=mode, family=model.family, grid=grid, head_dim=transformer.config.attention_head_dim,
-            num_inference_steps=config.num_inference_steps,
-            timesteps=tuple(int(t) for t in timesteps[: len(saved_tables)]), tables=saved_tables,
-            prompt=prompt.prompt,
-        )
-    return SampleResult(latents=latents.float().cpu(), embeds=result_embeds, losses=losses, timings=timings)
+                    run.optimise_step(i, t, kv, info)
+                run.denoise_step(i, t, kv, guided, info)
+    return run.result(prompt)
