@@ -4,7 +4,7 @@
 A manifest (JSON) lists reference videos, each with a ``[start, end, step]`` frame range and the paper's three
 prompts (``caption``, ``subject``, ``scene``)::
 
-    {"videos": [{"name": "bmx-trees", "video": "../../shared/videos/bmx-trees.mp4", "frames": [0, 24, 1],
+    {"videos": [{"name": "bmx-trees", "video": "../../../shared/videos/bmx-trees.mp4", "frames": [0, 24, 1],
                  "prompts": {"caption": "...", "subject": "...", "scene": "..."}}]}
 
 ``video`` is absolute or relative to the manifest file. Methods (:data:`METHODS`) are the paper's Table 1 rows, all
