@@ -149,7 +149,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default=None, help="q/k dtype (default: float32 on cpu, bfloat16 on cuda)")
     parser.add_argument("--models", nargs="+", choices=sorted(HEADS), default=["2b", "5b"])
-    parser.add_argument("--frames", nargs="+", type=int, default=[13, 6], help="latent frames (13 = 49 video frames)")
+    parser.add_argument("--frames", nargs="+", type=int, default=[13, 6, 2], help="latent frames (13 = 49 video frames; 2 is where naive fits in 24 GB at 30×45)")
     parser.add_argument("--small", action="store_true", help="one CI-sized case: 4 heads, 3 frames, 6×9 patches")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
