@@ -38,7 +38,7 @@ def _shifted_video(dx: int, dy: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(frames).reshape(1, F * H * W, DIM)
 
 
-def _structured_block(rope: bool):
+def _structured_block():
     from diffusers.models.transformers.cogvideox_transformer_3d import CogVideoXBlock
 
     torch.manual_seed(0)
@@ -59,7 +59,7 @@ def _structured_block(rope: bool):
 @pytest.mark.parametrize("rope", [False, True], ids=["sincos-2b-style", "rope-5b-style"])
 @pytest.mark.parametrize("dx,dy", [(1, 0), (0, 1), (-1, 1)])
 def test_hard_amf_through_a_cogvideox_block_points_along_a_known_shift(rope, dx, dy):
-    block = _structured_block(rope)
+    block = _structured_block()
     video = _shifted_video(dx, dy)
     text = torch.zeros(1, 4, DIM)
     temb = torch.zeros(1, 16)

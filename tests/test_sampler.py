@@ -152,3 +152,18 @@ def test_rope_mode_needs_a_rope_model(tiny_models, references):
     model = tiny_models["2b"]
     with pytest.raises(DiTFlowError, match="rope"):
         sample(model, encode_prompt(model, "x"), GuidanceConfig(mode="rope", **FAST), reference=references["2b"])
+
+
+def test_each_guided_step_gets_a_fresh_adam_at_the_scheduled_lr(tiny_models, references, monkeypatch):
+    made = []
+    real_adam = torch.optim.Adam
+
+    def spy(params, lr):
+        made.append(lr)
+        return real_adam(params, lr=lr)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    model = tiny_models["5b"]
+    cfg = GuidanceConfig(mode="latent", **{**FAST, "num_inference_steps": 6, "guidance_fraction": 0.5})
+    sample(model, encode_prompt(model, "a dog"), cfg, reference=references["5b"])
+    assert made == pytest.approx([0.05, 0.035, 0.02]) and made[-1] == 0.02

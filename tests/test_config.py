@@ -1,0 +1,43 @@
+# SPDX-License-Identifier: Apache-2.0
+"""GuidanceConfig: the paper's defaults, the lr schedule that ends exactly at lr_end, and refusals."""
+
+from __future__ import annotations
+
+import pytest
+
+from ditflow import DiTFlowError, GuidanceConfig, Mode
+
+
+def test_paper_defaults_guide_the_first_ten_of_fifty_steps_with_lr_from_2e3_to_exactly_1e3():
+    cfg = GuidanceConfig()
+    assert cfg.num_guided_steps == 10
+    lrs = [cfg.learning_rate(i) for i in range(cfg.num_guided_steps)]
+    assert lrs[0] == 2e-3 and lrs[-1] == 1e-3  # exact: the authors' script stops at 0.0011
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.parametrize("family,block,cfg,dynamic", [("5b", 20, 6.0, True), ("2b", 15, 6.0, False)])
+def test_family_defaults_fill_block_and_cfg(family, block, cfg, dynamic):
+    resolved = GuidanceConfig().resolved(family, num_blocks=42)
+    assert resolved.guidance_blocks == (block,)
+    assert (resolved.guidance_scale, resolved.dynamic_cfg) == (cfg, dynamic)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(mode="bogus"), "choose one of latent, rope, posemb, none"),
+    (dict(guidance_fraction=1.5), "guidance fraction"),
+    (dict(temperature=0), "temperature"),
+    (dict(num_inference_steps=0), "steps"),
+])
+def test_bad_settings_are_refused_with_the_value(kwargs, message):
+    with pytest.raises(DiTFlowError, match=message):
+        GuidanceConfig(**kwargs)
+
+
+def test_blocks_and_modes_are_checked_against_the_model():
+    with pytest.raises(DiTFlowError, match=r"guidance block 30 is out of range: this model has blocks 0..29"):
+        GuidanceConfig(guidance_blocks=(30,)).resolved("2b", 30)
+    with pytest.raises(DiTFlowError, match="KV injection block 42"):
+        GuidanceConfig(kv_injection_blocks=(42,)).resolved("5b", 42)
+    with pytest.raises(DiTFlowError, match="posemb"):
+        GuidanceConfig(mode=Mode.ROPE).resolved("2b", 30)
