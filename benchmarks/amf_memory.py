@@ -115,7 +115,9 @@ def run_case(impl: str, heads: int, grid: tuple[int, int, int], device: str, dty
         peak = _rss_bytes("VmHWM") - base
     grads = q.grad.nbytes + k.grad.nbytes
     if save:
-        torch.save({"soft": soft.detach().cpu(), "gq": q.grad.cpu(), "gk": k.grad.cpu()}, save)
+        from safetensors.torch import save_file
+
+        save_file({"soft": soft.detach().cpu(), "gq": q.grad.cpu(), "gk": k.grad.cpu()}, save)
     return {"peak": peak, "grads": grads, "seconds": seconds}
 
 
@@ -136,9 +138,9 @@ def _spawn(impl: str, heads: int, grid, args, save: str) -> dict:
 
 
 def _max_abs_diff(a_path: str, b_path: str) -> tuple[float, float]:
-    import torch
+    from safetensors.torch import load_file
 
-    a, b = torch.load(a_path), torch.load(b_path)
+    a, b = load_file(a_path), load_file(b_path)
     values = (a["soft"] - b["soft"]).abs().max().item()
     grads = max((a[g].float() - b[g].float()).abs().max().item() for g in ("gq", "gk"))
     return values, grads
@@ -173,7 +175,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model, heads, grid in cases:
             n = grid[0] * grid[1] * grid[2]
-            saved = {impl: os.path.join(tmp, f"{impl}.pt") for impl in ("streamed", "naive")}
+            saved = {impl: os.path.join(tmp, f"{impl}.safetensors") for impl in ("streamed", "naive")}
             results = {impl: _spawn(impl, heads, grid, args, saved[impl]) for impl in ("streamed", "naive")}
             ok = all("skipped" not in r for r in results.values())
             diff = _max_abs_diff(saved["streamed"], saved["naive"]) if ok else None

@@ -151,6 +151,8 @@ def _load_cotracker(repo: Path, ckpt: Path, device: torch.device) -> torch.nn.Mo
     if key not in _COTRACKER_MODELS:
         # source="local" imports hubconf from the directory; pretrained=False skips its URL download.
         model = torch.hub.load(str(repo), COTRACKER_ENTRY, source="local", pretrained=False)
+        # CoTracker3 ships its weights only as a .pth; weights_only=True unpickles tensors and containers alone
+        # (no code runs), and the file must come from the user's own hub cache or a path they gave.
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         _COTRACKER_MODELS[key] = model.eval()
