@@ -117,7 +117,7 @@ def run_case(impl: str, heads: int, grid: tuple[int, int, int], device: str, dty
     if save:
         from safetensors.torch import save_file
 
-        save_file({"soft": soft.detach().cpu(), "gq": q.grad.cpu(), "gk": k.grad.cpu()}, save)
+        save_file({"soft": soft.detach().cpu().contiguous(), "gq": q.grad.cpu().contiguous(), "gk": k.grad.cpu().contiguous()}, save)
     return {"peak": peak, "grads": grads, "seconds": seconds}
 
 
