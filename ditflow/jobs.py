@@ -133,7 +133,9 @@ def generate(
 
 def read_reference(video: str | os.PathLike, reference: ReferenceOptions):
     """Loads ``video`` and picks/fits its frames per ``reference``: (frames ``[F, 3, H, W]`` in [-1, 1], fps)."""
-    frames, src_fps = load_video(video)
+    # Decode only up to the last frame used: long clips would otherwise cost T·H·W·12 bytes for nothing.
+    last = reference.start + reference.stride * (reference.num_frames - 1) + 1
+    frames, src_fps = load_video(video, max_frames=max(1, last))
     ref_frames = prepare_reference(
         frames, height=reference.height, width=reference.width, num_frames=reference.num_frames,
         start=reference.start, stride=reference.stride, resize=reference.resize,
