@@ -194,7 +194,7 @@ def load_clip(model_path: str | os.PathLike | None = None):
         raise DiTFlowError(
             f"CLIP weights not found locally ({source}); download {CLIP_MODEL_ID} once "
             f"(e.g. `huggingface-cli download {CLIP_MODEL_ID} --local-dir <folder>`) "
-            "and pass that folder as model_path."
+            "and pass that folder (--clip-model on the command line, model_path in Python)."
         ) from err
     return model.eval(), processor
 
