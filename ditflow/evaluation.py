@@ -253,7 +253,8 @@ class Worker:
         tic = time.perf_counter()
         name = item.video.name
         if name not in self._latents:
-            self._latents[name] = encode_video(cog, ref_frames)
+            with cog.on_device("vae"):
+                self._latents[name] = encode_video(cog, ref_frames)
         key = (name, config.mode, config.loss, config.guidance_blocks, config.temperature, bool(config.kv_injection_blocks))
         if key not in self._motion:
             self._motion[key] = reference_motion(cog, self._latents[name], config)

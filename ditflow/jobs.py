@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .config import GuidanceConfig, Mode
-from .embeds import load_embeds, save_embeds
+from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError
 from .layout import video_frames
 from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
@@ -33,13 +33,18 @@ from .video import load_video, prepare_reference, write_video
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to load the model: a diffusers-format folder (or hub id), dtype, device, VAE memory savers."""
+    """How to load the model: a diffusers-format folder (or hub id), dtype, device, memory savers.
+
+    ``offload`` (default on) keeps the networks on the CPU and moves each to ``device`` only while it runs, so the
+    5b transformer (11 GB bf16) and its T5 (9.5 GB) never share the GPU; the CLI's ``--no-offload`` turns it off.
+    """
 
     path: str
     dtype: str = "bf16"
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     vae_tiling: bool = True
     vae_slicing: bool = False
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def _load(options: ModelOptions):
 
     return load_cogvideox(
         options.path, dtype=options.dtype, device=options.device,
-        vae_tiling=options.vae_tiling, vae_slicing=options.vae_slicing,
+        vae_tiling=options.vae_tiling, vae_slicing=options.vae_slicing, offload=options.offload,
     )
 
 
@@ -91,8 +96,11 @@ def reference_motion(cog, ref_latents, config: GuidanceConfig) -> ReferenceMotio
     no pass — the latents alone serve KV injection ("injection only"), or nothing at all ("backbone").
     """
     if config.mode is not Mode.NONE:
-        return extract_reference(cog, ref_latents, config.guidance_blocks, temperature=config.temperature,
-                                 loss=config.loss)
+        with cog.on_device("text_encoder"):
+            empty = encode_prompt(cog, "").cond
+        with cog.on_device("transformer"):
+            return extract_reference(cog, ref_latents, config.guidance_blocks, temperature=config.temperature,
+                                     loss=config.loss, empty_prompt=empty)
     # backbone or injection only: no AMF pass (the authors' script runs one anyway)
     return reference_without_amf(cog, ref_latents) if config.kv_injection_blocks else None
 
@@ -108,6 +116,7 @@ def generate(
     seed: int = 0,
     callback: Callback | None = None,
     timings: dict | None = None,
+    embeds: PositionEmbeds | None = None,
 ):
     """Prompt → guided sample → decoded frames with an already loaded model (the core of :func:`transfer`).
 
@@ -117,16 +126,21 @@ def generate(
         motion: from :func:`reference_motion` (``None`` for the backbone).
         size: (frames, height, width) in px; needed when ``motion`` is ``None`` (else checked against it).
         timings: if given, ``encode_prompt`` and ``decode`` seconds are added to it.
+        embeds: saved positional embeddings to inject zero-shot (see :func:`~ditflow.sampler.sample`).
     Returns:
         (frames ``[F, 3, H, W]`` in [-1, 1], :class:`~ditflow.sampler.SampleResult`).
     """
     timings = {} if timings is None else timings
     tic = time.perf_counter()
-    embeds_text = encode_prompt(cog, prompt, negative_prompt)
+    with cog.on_device("text_encoder"):
+        embeds_text = encode_prompt(cog, prompt, negative_prompt)
     timings["encode_prompt"] = time.perf_counter() - tic
-    result = sample(cog, embeds_text, config, size=size, seed=seed, reference=motion, callback=callback)
+    with cog.on_device("transformer"):
+        result = sample(cog, embeds_text, config, size=size, seed=seed, reference=motion, embeds=embeds,
+                        callback=callback)
     tic = time.perf_counter()
-    out_frames = decode_latents(cog, result.latents)
+    with cog.on_device("vae"):
+        out_frames = decode_latents(cog, result.latents)
     timings["decode"] = time.perf_counter() - tic
     return out_frames, result
 
@@ -173,7 +187,8 @@ def transfer(
     resolved = config.resolved(cog.family, cog.num_blocks)
 
     tic = time.perf_counter()
-    ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
+    with cog.on_device("vae"):
+        ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
     timings["encode_reference"] = time.perf_counter() - tic
     tic = time.perf_counter()
     motion = reference_motion(cog, ref_latents, resolved)
@@ -227,13 +242,8 @@ def inject(
     config = dataclasses.replace(
         config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
     )
-    tic = time.perf_counter()
-    text = encode_prompt(cog, prompt, negative_prompt)
-    timings["encode_prompt"] = time.perf_counter() - tic
-    result = sample(cog, text, config, seed=seed, embeds=embeds, callback=callback)
-    tic = time.perf_counter()
-    frames = decode_latents(cog, result.latents)
-    timings["decode"] = time.perf_counter() - tic
+    frames, result = generate(cog, prompt, config, None, negative_prompt=negative_prompt, seed=seed,
+                              callback=callback, timings=timings, embeds=embeds)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_video(out / "result.mp4", frames, fps)

@@ -140,7 +140,8 @@ def capture_outputs(
 
 @torch.no_grad()
 def extract_reference(
-    model, latents: Tensor, blocks, *, temperature: float = 2.0, loss: Loss | str = Loss.AMF
+    model, latents: Tensor, blocks, *, temperature: float = 2.0, loss: Loss | str = Loss.AMF,
+    empty_prompt: Tensor | None = None,
 ) -> ReferenceMotion:
     """Reference motion at ``blocks``: one pass at timestep 0 with the empty prompt, no CFG (§4.2).
 
@@ -152,6 +153,8 @@ def extract_reference(
         blocks: guidance block indices (see :class:`~ditflow.config.GuidanceConfig`).
         temperature: τ (Eq. 3); recorded but unused by the feature losses.
         loss: the guidance loss the reference is for (:class:`~ditflow.config.Loss`).
+        empty_prompt: T5 embedding of the empty prompt ``[1, L, D_text]``; encoded here (text encoder needed)
+            when not given.
     Raises:
         DiTFlowError: a block out of range or latents of the wrong shape.
     """
@@ -162,7 +165,9 @@ def extract_reference(
     grid = latent_grid(model, latents)
     transformer = model.transformer
     device, dtype = transformer.device, transformer.dtype
-    empty = encode_prompt(model, "").cond.to(device, dtype)
+    if empty_prompt is None:
+        empty_prompt = encode_prompt(model, "").cond
+    empty = empty_prompt.to(device, dtype)
     with torch.inference_mode(False):
         z = latents.to(device, dtype).clone()
         rope = rope_tables(transformer, grid, device) if model.family == "5b" else None

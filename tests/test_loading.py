@@ -328,3 +328,18 @@ def test_importing_ditflow_stays_cheap():
         [sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=REPO, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_offloaded_components_visit_the_compute_device_only_inside_on_device(tiny_5b_path, monkeypatch):
+    model = load_cogvideox(tiny_5b_path, dtype="fp32", device="cpu", offload=True)
+    assert model.compute_device is None  # offload to the CPU from the CPU: nothing to do
+    model.compute_device = "cuda:7"  # pretend a GPU; record the moves instead of making them
+    moves = []
+    for name in ("text_encoder", "transformer"):
+        monkeypatch.setattr(getattr(model, name), "to", lambda device, name=name: moves.append((name, str(device))))
+    with model.on_device("text_encoder"):
+        assert moves == [("text_encoder", "cuda:7")]
+    assert moves[-1] == ("text_encoder", "cpu")
+    with pytest.raises(RuntimeError, match="boom"), model.on_device("transformer"):
+        raise RuntimeError("boom")
+    assert moves[-2:] == [("transformer", "cuda:7"), ("transformer", "cpu")]  # back on the CPU after an error
