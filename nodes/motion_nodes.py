@@ -75,10 +75,12 @@ class DiTFlowExtractAMF:
     def extract(self, model, reference, block, temperature, loss="amf"):
         from ditflow.layout import from_comfy_latent
         from ditflow.reference import extract_reference
+        from ditflow.text import encode_prompt
 
-        bundle = model.use("transformer", "text_encoder")
+        empty = encode_prompt(model.use("text_encoder"), "").cond  # then T5 may leave the GPU for the transformer
+        bundle = model.use("transformer")
         latents = from_comfy_latent(reference["samples"], bundle.vae_scaling_factor)
-        return (extract_reference(bundle, latents, [block], temperature=temperature, loss=loss),)
+        return (extract_reference(bundle, latents, [block], temperature=temperature, loss=loss, empty_prompt=empty),)
 
 
 class DiTFlowVisualizeAMF:

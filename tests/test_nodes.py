@@ -238,7 +238,7 @@ def test_each_component_is_loaded_through_model_management_before_use(N, comfy, 
     run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], block=1, temperature=2.0)
     names = {id(p): n for n, p in model.patchers.items()}
     assert [sorted(names[id(p)] for p in ps) for ps, _ in mm.loaded] == [
-        ["text_encoder"], ["vae"], ["text_encoder", "transformer"]]
+        ["text_encoder"], ["vae"], ["text_encoder"], ["transformer"]]  # AMF: T5 for "", then the transformer alone
 
 
 def test_visualize_amf_draws_colors_and_arrows_at_video_size(N, chain_5b):
