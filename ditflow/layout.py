@@ -6,6 +6,7 @@ The nodes call these and nothing else converts layouts, so each convention chang
 
 from __future__ import annotations
 
+from einops import rearrange
 from torch import Tensor
 
 from .errors import DiTFlowError
@@ -61,12 +62,12 @@ def from_comfy_latent(samples: Tensor, scaling_factor: float) -> Tensor:
             f"expected a video LATENT of shape [B, C, T, H, W], got shape {list(samples.shape)}; "
             "connect the output of DiTFlow Encode Reference or the sampler."
         )
-    return samples.permute(0, 2, 1, 3, 4).contiguous() * scaling_factor
+    return rearrange(samples, "b c t h w -> b t c h w").contiguous() * scaling_factor
 
 
 def to_comfy_latent(latents: Tensor, scaling_factor: float) -> Tensor:
     """diffusers ``[B, F, C, H, W]`` scaled → ComfyUI LATENT ``[B, C, T, H, W]`` raw (÷ ``scaling_factor``)."""
-    return (latents / scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+    return rearrange(latents / scaling_factor, "b t c h w -> b c t h w").contiguous()
 
 
 def image_to_frames(image: Tensor) -> Tensor:
@@ -76,12 +77,12 @@ def image_to_frames(image: Tensor) -> Tensor:
             f"expected an IMAGE batch of shape [frames, H, W, 3], got shape {list(image.shape)}; "
             "connect frames from a video loader."
         )
-    return image.permute(0, 3, 1, 2).float() * 2.0 - 1.0
+    return rearrange(image, "t h w c -> t c h w").float() * 2.0 - 1.0
 
 
 def frames_to_image(frames: Tensor) -> Tensor:
     """Frames ``[T, 3, H, W]`` in [-1, 1] → ComfyUI IMAGE ``[T, H, W, 3]`` in [0, 1] (float32, clamped)."""
-    return ((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 1).contiguous()
+    return rearrange(((frames.float() + 1.0) / 2.0).clamp(0.0, 1.0), "t c h w -> t h w c").contiguous()
 
 
 __all__ = [

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from .errors import DiTFlowError
@@ -50,7 +51,7 @@ def video_features(hidden: Tensor, grid: tuple[int, int, int]) -> Tensor:
         raise DiTFlowError(
             f"hidden states {list(hidden.shape)} do not hold F·h·w = {frames}·{h}·{w} = {frames * h * w} tokens."
         )
-    return hidden.reshape(frames, h, w, hidden.shape[-1]).permute(0, 3, 1, 2)
+    return rearrange(hidden, "(f y x) c -> f c y x", f=frames, y=h, x=w)
 
 
 def _check_pair(generated: Tensor, reference: Tensor, what: str) -> None:
@@ -90,7 +91,7 @@ def moft_channels(reference: Tensor, fraction: float = MOFT_CHANNEL_FRACTION) ->
     if not 0.0 < fraction <= 1.0:
         raise DiTFlowError(f"MOFT channel fraction must be in (0, 1], got {fraction}.")
     x = centre_over_time(reference.detach().double())
-    x = x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # [F·h·w, C]
+    x = rearrange(x, "f c h w -> (f h w) c")
     _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues: the last column is the first singular vector
     k = min(x.shape[1], max(2, round(fraction * x.shape[1])))
     return vectors[:, -1].abs().topk(k).indices.sort().values.to(reference.device)

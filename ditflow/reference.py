@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from einops import rearrange
 from torch import Tensor
 
 from .amf import attention_motion_flow
@@ -39,7 +40,7 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
     """
     vae = model.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    x = frames.to(device, dtype).permute(1, 0, 2, 3).unsqueeze(0)  # [1, 3, F, H, W]
+    x = rearrange(frames.to(device, dtype), "f c h w -> 1 c f h w")  # the VAE's layout
     with torch.inference_mode(False):
         dist = vae.encode(x).latent_dist
         if sample_seed is None:
@@ -54,7 +55,7 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
             f"the VAE encoded {frames.shape[0]}×{frames.shape[2]}×{frames.shape[3]} frames to latent "
             f"{'×'.join(map(str, z.shape[2:]))} instead of {'×'.join(map(str, expected))}; turn VAE tiling off."
         )
-    return (z * model.vae_scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+    return rearrange(z * model.vae_scaling_factor, "b c f h w -> b f c h w").contiguous()
 
 
 @torch.no_grad()
@@ -62,10 +63,10 @@ def decode_latents(model, latents: Tensor) -> Tensor:
     """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU."""
     vae = model.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    z = (latents.to(device, dtype) / model.vae_scaling_factor).permute(0, 2, 1, 3, 4)
+    z = rearrange(latents.to(device, dtype) / model.vae_scaling_factor, "b f c h w -> b c f h w")
     with torch.inference_mode(False):
         video = vae.decode(z).sample  # [1, 3, F, H, W]
-    return video[0].permute(1, 0, 2, 3).float().clamp(-1, 1).cpu()
+    return rearrange(video[0], "c f h w -> f c h w").float().clamp(-1, 1).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
