@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from torch import Tensor
 
 from .config import Mode
 from .errors import DiTFlowError
+from .files import atomic_path
 
 FORMAT = "ditflow-position-embeds"
 FORMAT_VERSION = 1
@@ -85,14 +85,8 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
         "prompt": embeds.prompt,
         "reference": embeds.reference,
     }
-    fd, tmp = tempfile.mkstemp(suffix=".safetensors.part", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 

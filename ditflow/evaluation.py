@@ -40,10 +40,10 @@ from torch import Tensor
 
 from .config import GuidanceConfig
 from .errors import DiTFlowError
+from .files import write_json, write_text
 from .jobs import (
     ModelOptions,
     ReferenceOptions,
-    _write_json,
     generate,
     read_reference,
     reference_motion,
@@ -308,7 +308,7 @@ def _finish(out: Path, item: Item, frames: Tensor, record: dict, fps: float) -> 
     video, path = _paths(out, item)
     write_video(video, frames, fps)  # atomic
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(path, record)  # atomic, and last: its presence marks the item done
+    write_json(path, record)  # atomic, and last: its presence marks the item done
 
 
 def _reference_frames(videos: list[ManifestVideo], options: BenchOptions) -> dict[str, tuple[Tensor, float]]:
@@ -452,10 +452,8 @@ def write_table(out: Path, records: list[dict], methods) -> tuple[Path, Path]:
         lines.append(f"IQ skipped: {skipped[0]}")
     csv_path, md_path = out / "table.csv", out / "table.md"
     out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((csv_path, buf.getvalue()), (md_path, "\n".join(lines) + "\n")):
-        tmp = path.with_suffix(path.suffix + ".part")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    write_text(csv_path, buf.getvalue())
+    write_text(md_path, "\n".join(lines) + "\n")
     return csv_path, md_path
 
 

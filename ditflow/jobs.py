@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import json
 import os
 import platform
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +22,7 @@ from . import __version__
 from .config import GuidanceConfig, Mode
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError
+from .files import write_json
 from .layout import video_frames
 from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
 from .sampler import Callback, SampleResult, sample
@@ -58,13 +57,6 @@ class ReferenceOptions:
     stride: int = 1
     resize: str = "crop"
     sample_seed: int | None = None  # None: posterior mean
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".json.part", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
 
 
 def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict) -> dict:
@@ -211,7 +203,7 @@ def transfer(
         "frames_written": int(out_frames.shape[0]),
     }
     record = _record("transfer", settings, resolved, result, timings)
-    _write_json(out / "run.json", record)
+    write_json(out / "run.json", record)
     return record
 
 
@@ -254,7 +246,7 @@ def inject(
         "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
     }
     record = _record("inject", settings, config, result, timings)
-    _write_json(out / "run.json", record)
+    write_json(out / "run.json", record)
     return record
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import uuid
 from fractions import Fraction
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import DiTFlowError
+from .files import atomic_path
 from .layout import TEMPORAL_COMPRESSION, check_frame_count, check_size
 
 #: How :func:`prepare_reference` fits a clip to the target size: cover and centre-crop, plain resize, or fit and
@@ -245,10 +245,8 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
     if not fps > 0:
         raise DiTFlowError(f"fps must be positive, got {fps}.")
     codec = _encoder()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.part")  # same folder: os.replace is atomic
     try:
-        with av.open(str(tmp), "w", format="mp4") as container:
+        with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
             stream = container.add_stream(codec, rate=Fraction(float(fps)).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # Tag what swscale does so players don't guess: BT.601 matrix (6), limited range (1), BT.709 primaries
@@ -260,12 +258,8 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
             for rgb in _to_uint8(frames):
                 container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
             container.mux(stream.encode(None))  # flush delayed frames
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, av.FFmpegError):
-            raise DiTFlowError(f"could not write {path} ({e}); check the folder is writable and has space.") from e
-        raise
+    except av.FFmpegError as e:
+        raise DiTFlowError(f"could not write {path} ({e}); check the folder is writable and has space.") from e
     return path
 
 
