@@ -130,6 +130,15 @@ def reference_chain(g, note):
     return load, text, enc, amf
 
 
+def guided_sampler(g, load, text, amf, mode):
+    """The Guided Sampler in ``mode`` fed by the reference chain's model, conditioning and AMF."""
+    sampler = g.add("DiTFlowGuidedSampler", (1100, 20), sampler_widgets(mode), size=(340, 520))
+    g.link(load, 0, sampler, "model")
+    g.link(text, 0, sampler, "conditioning")
+    g.link(amf, 0, sampler, "amf")
+    return sampler
+
+
 def output_chain(g, load, latent_src, x, prefix):
     dec = g.add("DiTFlowDecode", (x, 20), size=(260, 80))
     vid = g.add("CreateVideo", (x, 140), [8], size=(260, 80))
@@ -149,10 +158,7 @@ def t2v_latent():
         "3. Describe the new scene in the prompt; the motion comes from the reference.\n\n"
         "Paper defaults: 480×720, 49 frames, block 20 (15 on 2B), τ = 2, 50 steps, first 20 % guided, "
         "5 Adam steps, lr 0.002→0.001, KV injection at block 0. On CogVideoX-2b use block 15."))
-    sampler = g.add("DiTFlowGuidedSampler", (1100, 20), sampler_widgets("latent"), size=(340, 520))
-    g.link(load, 0, sampler, "model")
-    g.link(text, 0, sampler, "conditioning")
-    g.link(amf, 0, sampler, "amf")
+    sampler = guided_sampler(g, load, text, amf, "latent")
     vis = g.add("DiTFlowVisualizeAMF", (760, 500), {"query_frame": 0, "key_frame": 6, "arrow_stride": 2}, size=(300, 150))
     prev = g.add("PreviewImage", (760, 700), size=(300, 260))
     g.link(amf, 0, vis, "amf")
@@ -169,10 +175,7 @@ def rope_optimize_and_save():
         "saves them with DiTFlow Save Embeds to output/ditflow/embeds_NNNNN_.safetensors.\n\n"
         "Reuse them zero-shot with a new prompt in ditflow_rope_inject.json (same model, frames, size and steps).\n"
         "On CogVideoX-2b use mode posemb and block 15."))
-    sampler = g.add("DiTFlowGuidedSampler", (1100, 20), sampler_widgets("rope"), size=(340, 520))
-    g.link(load, 0, sampler, "model")
-    g.link(text, 0, sampler, "conditioning")
-    g.link(amf, 0, sampler, "amf")
+    sampler = guided_sampler(g, load, text, amf, "rope")
     save = g.add("DiTFlowSaveEmbeds", (1100, 600), {"filename_prefix": "ditflow/embeds"}, size=(340, 90))
     g.link(sampler, 1, save, "embeds")
     output_chain(g, load, sampler, 1480, "ditflow/rope")
