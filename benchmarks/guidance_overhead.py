@@ -29,7 +29,9 @@ of a backward in forwards and φ the part of the stop block that runs (its Q/K/V
 **issue count** takes φ = 1 and β = 2. The **refined count** takes φ = 1/4 (the QKV projections are 3 of a
 block's 12·D² multiply-adds per token) and β measured on one block of this model (weights are frozen, so the
 backward computes input gradients only and β is nearer 1 than 2). Ratios are over the transformer phases
-(reference AMF, KV, optimisation, denoising); encode and decode are printed apart.
+(reference AMF, KV, optimisation, denoising); encode and decode are printed apart. Hooks on the blocks also count
+the block forwards each run really made, printed next to the count's forward part (β = 0): the wall-clock ratios
+vary with the machine's load, the counts do not.
 
 Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA (absolute, weights included); on CPU the process's
 peak RSS during the run minus its RSS before (weights excluded).
@@ -240,8 +242,29 @@ class Count:
         return self.unguided() + n + self.guided * (kv + self.iterations * ((1 + beta) * n + self.recomputed))
 
 
+@contextlib.contextmanager
+def counting_blocks(transformer):
+    """Counts block forwards in B1F (each call weighs its batch size) while the ``with`` runs; yields ``[count]``.
+
+    Forward pre-hooks fire on every call, so a stop block that raises after its Q/K counts 1 (φ = 1) and a block
+    recomputed by gradient checkpointing counts again; backward passes are not forwards and do not count.
+    """
+    count = [0]
+
+    def hook(_module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        count[0] += hidden.shape[0]
+
+    handles = [b.register_forward_pre_hook(hook, with_kwargs=True) for b in transformer.transformer_blocks]
+    try:
+        yield count
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae: bool, guided: bool) -> dict:
-    """One generation; returns per-phase seconds, the transformer-phase total and peak memory."""
+    """One generation; returns per-phase seconds, the transformer-phase total, block forwards and peak memory."""
     from ditflow.reference import decode_latents, encode_video, extract_reference
     from ditflow.sampler import sample
 
@@ -256,11 +279,12 @@ def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae:
             else:
                 latents = torch.randn(1, (frames - 1) // 4 + 1, 16, height // 8, width // 8)
     cpu0 = time.process_time()
-    if guided:
-        with meter.timed(times, "AMF extraction"):
-            reference = extract_reference(model, latents, config.guidance_blocks, temperature=config.temperature)
-    with meter.timed(times, "sampling (total)"):
-        result = sample(model, prompt, config, size=size, seed=seed, reference=reference)
+    with counting_blocks(model.transformer) as blocks:
+        if guided:
+            with meter.timed(times, "AMF extraction"):
+                reference = extract_reference(model, latents, config.guidance_blocks, temperature=config.temperature)
+        with meter.timed(times, "sampling (total)"):
+            result = sample(model, prompt, config, size=size, seed=seed, reference=reference)
     cpu = time.process_time() - cpu0
     for key, value in result.timings.items():
         times[f"  {key}"] = value
@@ -268,7 +292,7 @@ def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae:
         with meter.timed(times, "decode"):
             decode_latents(model, result.latents)
     times["transformer phases"] = times.get("AMF extraction", 0.0) + times["sampling (total)"]
-    return {"times": times, "peak": meter.peak(), "cpu": cpu, "losses": result.losses}
+    return {"times": times, "peak": meter.peak(), "cpu": cpu, "losses": result.losses, "blocks": blocks[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -395,11 +419,13 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|---|---|---|")
     unguided_s = runs["unguided"]["times"]["transformer phases"]
     keep = {block}
+    counts = {}
     for name in names[1:]:
         checkpointing = "on" in name.split("checkpointing ")[1]
-        count = Count(steps=steps, guided=resolved.num_guided_steps, iterations=base.opt_steps, blocks=num_blocks,
-                      guidance_block=block, kv_block=kv_blocks[0] if kv_blocks else None, cfg=cfg_on,
-                      recomputed=(block + 1 - len(keep)) if checkpointing else 0)
+        count = counts[name] = Count(
+            steps=steps, guided=resolved.num_guided_steps, iterations=base.opt_steps, blocks=num_blocks,
+            guidance_block=block, kv_block=kv_blocks[0] if kv_blocks else None, cfg=cfg_on,
+            recomputed=(block + 1 - len(keep)) if checkpointing else 0)
         measured = runs[name]["times"]["transformer phases"] / unguided_s
         issue = count.guided_total(1.0, 2.0) / count.unguided()
         refined = count.guided_total(0.25, beta) / count.unguided()
@@ -407,6 +433,13 @@ def main(argv: list[str] | None = None) -> None:
         cpu_ratio = runs[name]["cpu"] / runs["unguided"]["cpu"]
         print(f"| {name} | {measured:.3f} | {cpu_ratio:.3f} | {issue:.3f} | {refined:.3f} | {measured / issue:.3f} ({verdict}) | "
               f"{count.guided_total(1.0, 2.0):.0f} / {count.unguided():.0f} |")
+    print("\nBlock forwards of the transformer phases, counted by hooks on the blocks against the count's forward part "
+          "(β = 0: backward passes are not forwards; checkpoint recomputation is):\n")
+    print("| run | counted (B1F) | predicted (φ=1, β=0) |")
+    print("|---|---|---|")
+    for name in names:
+        predicted = counts[name].guided_total(1.0, 0.0) if name in counts else next(iter(counts.values())).unguided()
+        print(f"| {name} | {runs[name]['blocks']} | {predicted:.0f} |")
     e2e = {n: sum(v for k, v in runs[n]["times"].items() if k in ("reference encode", "AMF extraction",
                                                                    "sampling (total)", "decode")) for n in names}
     print("\nEnd to end (encode + AMF + sampling + decode): "
