@@ -226,11 +226,13 @@ class _GuidedRun:
         self.timings[phase] += time.perf_counter() - tic
 
     def reference_kv(self, t: Tensor) -> dict:
-        """§3 KV injection: the reference noised to ``t`` with the run's own noise, video K/V at the injection blocks."""
+        """§3 KV injection: the reference noised to ``t`` with the run's own noise, target prompt, stock positions
+        (never the optimised ρ, as in the authors' code); video K/V at the injection blocks."""
         tic = time.perf_counter()
         blocks = self.config.kv_injection_blocks
         z_ref = self.scheduler.add_noise(self.ref_latents, self.noise, t.reshape(1))
-        self.controller.reset(record_kv_blocks=frozenset(blocks), stop_block=max(blocks))
+        self.controller.reset(record_kv_blocks=frozenset(blocks), stop_block=max(blocks))  # clears any ρ (5B)
+        self.table = self.stock_table  # stock positions on 2B too, whatever ρ the last pass used
         with torch.no_grad():
             forward_until(self.transformer, self.controller, z_ref, self.cond, t.expand(1),
                           image_rotary_emb=self.stock_rope)
