@@ -33,6 +33,7 @@ from .config import GuidanceConfig, Loss, Mode
 from .embeds import PositionEmbeds
 from .errors import DiTFlowError
 from .forward import forward_until
+from .inference_tensors import replace_inference_tensors
 from .layout import token_grid
 from .losses import moft_channels, moft_loss, smm_loss, video_features
 from .positions import owned_sincos, rope_tables, sincos_table, stack_rope, unstack_rope
@@ -360,6 +361,8 @@ def sample(
     """
     grid, config, optimise = _check_inputs(model, config, reference, embeds, size)
     with torch.inference_mode(False):
+        if optimise:  # weights moved under inference mode (ComfyUI) would fail the backward
+            replace_inference_tensors(model.transformer)
         run = _GuidedRun(model, prompt, config, grid, optimise, seed, reference, embeds, callback)
         with run.hooks():
             for i, t in enumerate(run.timesteps):

@@ -51,10 +51,16 @@ class DiTFlowModel:
 
     def use(self, *names: str):
         """Loads the named components onto their compute device (fully: plain torch layers cannot be split) and
-        returns the bundle for the library call."""
+        returns the bundle for the library call.
+
+        The move runs outside ComfyUI's inference mode, so the moved weights are normal tensors (moved inside it they
+        would be inference tensors, and guidance could not differentiate through them). Moves ComfyUI makes
+        elsewhere (evicting for another model) are out of our hands: ``ditflow.sampler.sample`` repairs those.
+        """
         import comfy.model_management as mm
 
-        mm.load_models_gpu([self.patchers[n] for n in names], force_full_load=True)
+        with torch.inference_mode(False):
+            mm.load_models_gpu([self.patchers[n] for n in names], force_full_load=True)
         return self.bundle
 
     def __repr__(self) -> str:

@@ -6,6 +6,11 @@
 ``load_models_gpu`` calls, the devices each ``ModelPatcher`` was given and progress updates. Setting
 ``model_management.INTERRUPT = True`` makes the next ``throw_exception_if_processing_interrupted()`` raise, as a
 cancel from the UI does.
+
+Model moves are reproduced as a GPU makes them, although every device here is the CPU: loading a model that is not
+loaded yet, and evicting one (``unload_all_models``, ``free_memory``), copies each of its tensors with
+``Module._apply`` in the caller's inference mode — exactly what ``module.to(other_device)`` does. A move made under
+``torch.inference_mode()`` therefore leaves inference-tensor weights, as ComfyUI's moves on a GPU do.
 """
 
 from __future__ import annotations
@@ -87,16 +92,39 @@ def _model_management() -> types.ModuleType:
                  "vae_device", "vae_offload_device", "intermediate_device"):
         setattr(mm, name, lambda: cpu)
 
+    mm.current_loaded_models = []  # patchers on the "GPU", most recent first
+
+    def move(patcher):
+        patcher.model._apply(lambda t: t.clone())  # what .to(other device) does: new tensors, caller's mode
+
     def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
         mm.loaded.append((list(models), force_full_load))
+        for patcher in models:
+            if patcher not in mm.current_loaded_models:
+                move(patcher)
+                mm.current_loaded_models.insert(0, patcher)
+
+    def free_memory(memory_required, device, keep_loaded=()):
+        """Evicts every loaded model not in ``keep_loaded`` (the real one stops once enough memory is free)."""
+        evicted = [p for p in mm.current_loaded_models if p not in keep_loaded]
+        for patcher in evicted:
+            move(patcher)
+            mm.current_loaded_models.remove(patcher)
+        return evicted
+
+    def unload_all_models():
+        free_memory(1e30, cpu)
 
     def throw_exception_if_processing_interrupted():
         if mm.INTERRUPT:
             mm.INTERRUPT = False
             raise InterruptProcessingException()
 
+    mm.move = move  # for tests: a move made behind ComfyUI's back (another pack calling .to by hand)
     mm.load_models_gpu = load_models_gpu
+    mm.free_memory = free_memory
+    mm.unload_all_models = unload_all_models
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     return mm
 

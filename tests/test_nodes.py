@@ -254,6 +254,71 @@ def test_visualize_amf_draws_colors_and_arrows_at_video_size(N, chain_5b):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Weights moved under inference mode (what a GPU does; the stubs copy tensors on every load and eviction)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _inference_tensors(model, component="transformer") -> int:
+    module = getattr(model.bundle, component)
+    return sum(t.is_inference() for t in (*module.parameters(), *module.buffers()))
+
+
+def _guided_chain(N, model, reference_image, mode, loss):
+    """Text encode → encode reference → Extract AMF (loads the transformer first) → Guided Sampler."""
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="")[0]
+    latent, _ = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+                    num_frames=FRAMES, start=0, stride=1, resize="crop")
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0, loss=loss)[0]
+    # our own loads move outside inference mode: none of the three networks holds an inference tensor
+    assert [_inference_tensors(model, c) for c in ("transformer", "vae", "text_encoder")] == [0, 0, 0]
+    return run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode=mode, amf=amf, loss=loss, **FAST)
+
+
+@pytest.mark.parametrize("variant,mode,loss", [
+    ("5b", "latent", "amf"), ("5b", "rope", "amf"), ("2b", "posemb", "amf"), ("5b", "latent", "moft"),
+    ("2b", "latent", "smm"),
+])
+def test_every_guided_mode_runs_with_weights_moved_as_comfyui_moves_them(N, comfy, models, reference_image,
+                                                                         variant, mode, loss):
+    mm = comfy["comfy.model_management"]
+    model = models[variant]
+    with torch.inference_mode():
+        mm.unload_all_models()  # end of a previous prompt under --disable-smart-memory: evicted in inference mode
+    latent, embeds = _guided_chain(N, model, reference_image, mode, loss)
+    assert latent["samples"].shape == (1, 16, 3, 8, 12)
+    assert (embeds is not None) == (mode in ("rope", "posemb"))
+    assert _inference_tensors(model) == 0
+
+
+@pytest.mark.parametrize("eviction", ["another model's load", "/free", "OOM handler"])
+def test_guided_sampler_runs_again_after_comfyui_evicts_and_reloads_the_model(N, comfy, chain_5b, eviction):
+    mm = comfy["comfy.model_management"]
+    model = chain_5b["model"]
+    sampler = dict(model=model, conditioning=chain_5b["cond"], mode="latent", amf=chain_5b["amf"], **FAST)
+    first = run(N["DiTFlowGuidedSampler"], **sampler)[0]
+    if eviction == "/free":  # POST /free: unload_all_models in the prompt worker, outside inference mode
+        mm.unload_all_models()
+    else:  # inside another node (its load_models_gpu → free_memory) or the executor's OOM handler
+        with torch.inference_mode():
+            mm.free_memory(1e30, torch.device("cpu")) if eviction == "another model's load" else mm.unload_all_models()
+    assert model.patchers["transformer"] not in mm.current_loaded_models
+    again = run(N["DiTFlowGuidedSampler"], **sampler)[0]  # reloads the transformer, then optimises through it
+    assert torch.equal(again["samples"], first["samples"])
+
+
+def test_weights_moved_behind_comfyuis_back_are_repaired_by_the_sampler(N, comfy, chain_5b):
+    mm = comfy["comfy.model_management"]
+    model = chain_5b["model"]
+    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], block=1, temperature=2.0)
+    with torch.inference_mode():  # another pack moves the module by hand: ComfyUI still counts it as loaded,
+        mm.move(model.patchers["transformer"])  # so the sampler's load moves nothing
+    assert model.patchers["transformer"] in mm.current_loaded_models and _inference_tensors(model) > 0
+    latent, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=chain_5b["cond"], mode="rope",
+                         amf=chain_5b["amf"], **FAST)
+    assert embeds is not None and _inference_tensors(model) == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Errors and cancel
 # ---------------------------------------------------------------------------------------------------------------
 
