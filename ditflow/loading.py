@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from .checkpoint import check_config, check_weights, read_json
 from .errors import DiTFlowError
 
 #: Families this pack supports; see :func:`detect_family`.
@@ -151,11 +152,7 @@ class CogVideoX:
         ``CogVideoXDDIMScheduler`` for 2b and ``CogVideoXDPMScheduler`` for 5b, both from the checkpoint's
         scheduler config, as the diffusers CogVideoX documentation recommends.
         """
-        from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-
-        cls = CogVideoXDDIMScheduler if self.family == "2b" else CogVideoXDPMScheduler
-        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
-        return cls.from_config(config, timestep_spacing="trailing")
+        return build_scheduler(self.family, self.scheduler_config, self.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -171,6 +168,27 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     elif isinstance(dtype, str) and dtype.lower().removeprefix("torch.") in _DTYPES:
         return _DTYPES[dtype.lower().removeprefix("torch.")]
     raise DiTFlowError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32.")
+
+
+def build_scheduler(family: str, scheduler_config: dict, path: str = ""):
+    """The sampling scheduler of ``family`` from ``scheduler/scheduler_config.json``, ``timestep_spacing="trailing"``.
+
+    Raises:
+        DiTFlowError: a config diffusers cannot build the scheduler from (a ``beta_schedule`` it lacks, a string or
+            negative ``num_train_timesteps``, ...), naming the file and quoting diffusers' complaint.
+    """
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
+
+    cls = CogVideoXDDIMScheduler if family == "2b" else CogVideoXDPMScheduler
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    try:
+        return cls.from_config(config, timestep_spacing="trailing")
+    except Exception as e:  # diffusers raises many types for bad values
+        detail = str(e).splitlines()[0][:160] if str(e) else ""
+        raise DiTFlowError(
+            f"{Path(path) / 'scheduler' / 'scheduler_config.json'} cannot configure a {cls.__name__} "
+            f"({type(e).__name__}: {detail}); re-download scheduler/ from the model's Hugging Face repository."
+        ) from None
 
 
 def detect_family(transformer_config: dict) -> str:
@@ -257,12 +275,19 @@ def _check_layout(root: Path, components: tuple[str, ...]) -> None:
 
 
 def _read_config(source: str, local: Path | None, subfolder: str, name: str) -> dict:
-    """One component's JSON config, from the folder or (hub id) through diffusers' config loader."""
+    """One component's JSON config, from the folder or (hub id) through diffusers' config loader.
+
+    Raises :class:`DiTFlowError` naming the file when it is unreadable, not JSON, or not a JSON object.
+    """
     if local is not None:
-        try:
-            return json.loads((local / subfolder / name).read_text())
-        except (OSError, ValueError) as exc:
-            raise DiTFlowError(f"cannot read {local / subfolder / name}: {exc}.") from None
+        path = local / subfolder / name
+        config = read_json(path)
+        if not isinstance(config, dict):
+            raise DiTFlowError(
+                f"{path} is not a JSON object but a {type(config).__name__}; re-download {subfolder}/ from the "
+                "model's Hugging Face repository."
+            )
+        return config
     from diffusers.configuration_utils import ConfigMixin
 
     class _Reader(ConfigMixin):
@@ -275,6 +300,13 @@ def _read_config(source: str, local: Path | None, subfolder: str, name: str) -> 
             f"{source} is not a local folder and could not be read from the Hugging Face hub ({type(exc).__name__}); "
             f"download it first, {_LAYOUT}."
         ) from exc
+
+
+def _checked_config(source: str, local: Path | None, kind: str) -> dict:
+    """``kind``'s config, checked (:func:`ditflow.checkpoint.check_config`)."""
+    name = "scheduler_config.json" if kind == "scheduler" else "config.json"
+    config = _read_config(source, local, kind, name)
+    return check_config(kind, config, (local if local is not None else Path(source)) / kind / name)
 
 
 def _load_tokenizer(source: str, local: Path | None):
@@ -290,10 +322,17 @@ def _load_tokenizer(source: str, local: Path | None):
                 f"the CogVideoX tokenizer (spiece.model) needs the Python packages {' and '.join(lacking)}; "
                 f"install them with: pip install {' '.join(lacking)}."
             )
-    if local is not None:
-        tokenizer = AutoTokenizer.from_pretrained(local / "tokenizer")
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    folder = local / "tokenizer" if local is not None else f"{source}/tokenizer"
+    try:
+        if local is not None:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    except Exception as e:  # a damaged spiece.model surfaces as protobuf, tiktoken or OS errors
+        raise DiTFlowError(
+            f"the tokenizer in {folder} cannot be loaded ({type(e).__name__}), so its spiece.model or JSON files "
+            "are damaged; re-download tokenizer/ from the model's Hugging Face repository."
+        ) from None
     ids = tokenizer("a video of a dog", add_special_tokens=False).input_ids
     if not ids or all(i == tokenizer.unk_token_id for i in ids):
         raise DiTFlowError(
@@ -309,6 +348,26 @@ def _transformers_dtype_kwarg(torch_dtype: torch.dtype) -> dict:
 
     major, minor = (int(p) for p in re.findall(r"\d+", transformers.__version__)[:2])
     return {"dtype": torch_dtype} if (major, minor) >= (4, 56) else {"torch_dtype": torch_dtype}
+
+
+@contextlib.contextmanager
+def _explained(source: str, component: str) -> Iterator[None]:
+    """Last line of defence behind :mod:`ditflow.checkpoint`: a loader error becomes one sentence naming the folder.
+
+    Out-of-memory errors pass through unchanged (they are not damage).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (DiTFlowError, MemoryError, torch.OutOfMemoryError):
+        raise
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError) as e:
+        detail = str(e).splitlines()[0][:160] if str(e) else ""
+        raise DiTFlowError(
+            f"could not load {source}/{component} ({type(e).__name__}: {detail}); re-download {component}/ from the "
+            "model's Hugging Face repository."
+        ) from e
 
 
 def _freeze(model):
@@ -367,7 +426,14 @@ def load_cogvideox(
         _check_layout(local, components)
     transformer_config = _read_config(source, local, "transformer", "config.json")
     family = detect_family(transformer_config)
-    scheduler_config = _read_config(source, local, "scheduler", "scheduler_config.json")
+    configs = {"transformer": _checked_config(source, local, "transformer")}
+    configs.update({c: _checked_config(source, local, c) for c in ("vae", "text_encoder") if c in components})
+    scheduler_config = _checked_config(source, local, "scheduler")
+    build_scheduler(family, scheduler_config, source)
+    if local is not None:  # headers, sizes, shard indexes, names and shapes: before any tensor is read
+        for kind, config in configs.items():
+            if kind in components:
+                check_weights(local / kind, kind, config)
 
     # 2. Weights, outside inference mode so they are ordinary (differentiable-through) tensors.
     common = {"use_safetensors": True}
@@ -383,10 +449,13 @@ def load_cogvideox(
 
         transformer = vae = text_encoder = tokenizer = None
         if "transformer" in components:
-            transformer = CogVideoXTransformer3DModel.from_pretrained(**where("transformer"), torch_dtype=torch_dtype)
+            with _explained(source, "transformer"):
+                transformer = CogVideoXTransformer3DModel.from_pretrained(**where("transformer"), torch_dtype=torch_dtype)
             transformer = _freeze(transformer.to(device))
         if "vae" in components:
-            vae = _freeze(AutoencoderKLCogVideoX.from_pretrained(**where("vae"), torch_dtype=torch_dtype).to(device))
+            with _explained(source, "vae"):
+                vae = AutoencoderKLCogVideoX.from_pretrained(**where("vae"), torch_dtype=torch_dtype)
+            vae = _freeze(vae.to(device))
             if vae_tiling:
                 vae.enable_tiling()
             if vae_slicing:
@@ -395,7 +464,8 @@ def load_cogvideox(
             from transformers import T5EncoderModel
 
             dtype_kwarg = _transformers_dtype_kwarg(torch_dtype)
-            text_encoder = T5EncoderModel.from_pretrained(**where("text_encoder"), **dtype_kwarg)
+            with _explained(source, "text_encoder"):
+                text_encoder = T5EncoderModel.from_pretrained(**where("text_encoder"), **dtype_kwarg)
             text_encoder = _freeze(text_encoder.to(device))
         if "tokenizer" in components:
             tokenizer = _load_tokenizer(source, local)
@@ -403,7 +473,7 @@ def load_cogvideox(
     if vae is not None:
         vae_config = dict(vae.config)
     elif local is not None and (local / "vae" / "config.json").is_file():
-        vae_config = _read_config(source, local, "vae", "config.json")
+        vae_config = _checked_config(source, local, "vae")
     else:
         vae_config = None
 
