@@ -58,6 +58,8 @@ class PositionEmbeds:
             ("latent grid F×h×w", "×".join(map(str, self.grid)), "×".join(map(str, grid))),
             ("number of steps", self.num_inference_steps, num_inference_steps),
         )
+        if self.mode is Mode.POSEMB and self.tables:
+            checks += (("table width (heads × head dim)", self.tables[0].shape[-1], model.num_heads * model.head_dim),)
         for name, saved, wanted in checks:
             if saved != wanted:
                 raise DiTFlowError(
@@ -82,46 +84,143 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
         "head_dim": str(embeds.head_dim),
         "num_inference_steps": str(embeds.num_inference_steps),
         "guided_timesteps": json.dumps(list(embeds.timesteps)),
-        "prompt": embeds.prompt,
-        "reference": embeds.reference,
+        "prompt": embeds.prompt[:MAX_TEXT_CHARS],  # clipped so that load_embeds accepts the file
+        "reference": embeds.reference[:MAX_TEXT_CHARS],
     }
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
+#: Limits of a file :func:`load_embeds` accepts; DiTFlow's own files are far below them.
+MAX_HEADER_BYTES = 4_000_000  # the JSON header: a few hundred tensor entries and short texts
+MAX_TEXT_CHARS = 65_536  # any metadata field (a T5 prompt uses at most 226 tokens, about 1,500 characters)
+MAX_STEPS = 1000  # CogVideoX schedulers have 1000 training timesteps
+MAX_GRID = (1024, 1024, 1024)  # latent frames, patch rows, patch columns (49 frames at 480×720 is 13×30×45)
+_FAMILIES = ("2b", "5b")
+_TABLE_DTYPES = {"F32", "F16", "BF16"}
+_REMAKE = "make it again with a transfer run in mode rope/posemb (or DiTFlow Save Embeds)"
+
+
+def _ints(text: str, name: str, path: Path, count: int | None = None) -> tuple[int, ...]:
+    """A JSON list of integers from metadata field ``name``; raises :class:`DiTFlowError` if it is not one."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, list) or not all(type(v) is int for v in value) or count not in (None, len(value)):
+        what = f"{count} integers" if count else "integers"
+        raise DiTFlowError(f"{path} has {name} = {text[:80]!r}, not a JSON list of {what}; {_REMAKE}.")
+    return tuple(value)
+
+
+def _int(text: str, name: str, path: Path, hi: int) -> int:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= hi:
+        raise DiTFlowError(f"{path} has {name} = {text[:80]!r}, not an integer in 1..{hi}; {_REMAKE}.")
+    return int(text)
+
+
+def _check_metadata(path: Path, meta: dict[str, str]) -> None:
+    """Tag, version and the size of every text field, before anything else is read."""
+    if meta.get("format") != FORMAT:
+        raise DiTFlowError(f"{path} is a safetensors file but not DiTFlow positional embeddings (no '{FORMAT}' tag).")
+    version = meta.get("format_version", "0")
+    if not (version.isascii() and version.isdigit()):
+        raise DiTFlowError(f"{path} has format version {version[:80]!r}, not an integer; {_REMAKE}.")
+    if int(version) > FORMAT_VERSION:
+        raise DiTFlowError(f"{path} has format version {version}; update the DiTFlow node pack to read it.")
+    for key, value in meta.items():
+        if len(value) > MAX_TEXT_CHARS:
+            raise DiTFlowError(
+                f"{path} has a metadata field {key!r} of {len(value):,} characters, more than the {MAX_TEXT_CHARS:,} "
+                f"DiTFlow writes; {_REMAKE}."
+            )
+    missing = [k for k in ("mode", "model_family", "latent_grid", "head_dim", "num_inference_steps",
+                           "guided_timesteps") if k not in meta]
+    if missing:
+        raise DiTFlowError(f"{path} has incomplete DiTFlow metadata (no {', '.join(missing)}); {_REMAKE}.")
+
+
+def _check_tables(path: Path, tensors: dict, mode: Mode, grid: tuple[int, int, int], head_dim: int,
+                  steps: int) -> list[str]:
+    """Names of the tables in step order, after checking their names, count, dtypes and shapes from the header."""
+    names = sorted(tensors)
+    if names != [f"step_{i:03d}" for i in range(len(names))]:
+        raise DiTFlowError(
+            f"{path} holds tensors {names[:4]}{'…' if len(names) > 4 else ''}, not step_000, step_001, … in order; "
+            f"{_REMAKE}."
+        )
+    if not 1 <= len(names) <= steps:
+        raise DiTFlowError(f"{path} holds {len(names)} tables for a run of {steps} steps; {_REMAKE}.")
+    n = grid[0] * grid[1] * grid[2]
+    first = tensors[names[0]].shape
+    width = first[1] if len(first) == 2 and first[1] > 0 else "inner_dim"  # posemb: checked against the model later
+    want = (2, 2, n, head_dim) if mode is Mode.ROPE else (n, width)
+    layout = "[2 (q, k), 2 (cos, sin), tokens, head_dim]" if mode is Mode.ROPE else "[tokens, inner_dim]"
+    for name in names:
+        info = tensors[name]
+        if info.dtype not in _TABLE_DTYPES:
+            raise DiTFlowError(f"{path} holds {name} as {info.dtype}; tables are float32 ({_REMAKE}).")
+        if info.shape != want:
+            raise DiTFlowError(
+                f"{path} holds {name} of shape {list(info.shape)}, but mode {mode.value} on latent grid "
+                f"{'×'.join(map(str, grid))} (= {n} tokens) needs {list(want)} {layout}; {_REMAKE}."
+            )
+    return names
+
+
 def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
-    """Reads a file written by :func:`save_embeds` (safetensors only, never pickle).
+    """Reads a file written by :func:`save_embeds` (safetensors only, never pickle), checking it before any tensor.
+
+    The header alone is checked first (cheaply, before any model is loaded): the format tag and version, every
+    metadata field's size (at most :data:`MAX_TEXT_CHARS`), the mode and family, a latent grid of positive
+    integers within :data:`MAX_GRID`, ``num_inference_steps`` in 1..:data:`MAX_STEPS`, one guided timestep (0..999,
+    decreasing) per table, and each table's name, float dtype and shape for the mode and grid.
 
     Raises:
-        DiTFlowError: missing file, not a safetensors file, not a DiTFlow embeddings file, or a newer format.
+        DiTFlowError: missing file, not a safetensors file (or a damaged one), not a DiTFlow embeddings file, a
+            newer format, or any check above, in one sentence naming the file and the bad value.
     """
     from safetensors import SafetensorError, safe_open
+
+    from .tensorfile import read_header
 
     path = Path(path)
     if not path.is_file():
         raise DiTFlowError(f"embeddings file {path} does not exist; give the .safetensors written by a rope/posemb run.")
+    header = read_header(path, advice="give a DiTFlow embeddings file", max_header_bytes=MAX_HEADER_BYTES)
+    meta = header.metadata
+    _check_metadata(path, meta)
+    if meta["mode"] not in (Mode.ROPE.value, Mode.POSEMB.value):
+        raise DiTFlowError(f"{path} has mode {meta['mode'][:80]!r}; embeddings files hold mode rope or posemb.")
+    mode = Mode(meta["mode"])
+    if meta["model_family"] not in _FAMILIES:
+        raise DiTFlowError(f"{path} has model family {meta['model_family'][:80]!r}, not 2b or 5b; {_REMAKE}.")
+    grid = _ints(meta["latent_grid"], "latent_grid", path, count=3)
+    if not all(1 <= g <= hi for g, hi in zip(grid, MAX_GRID)):
+        raise DiTFlowError(
+            f"{path} has latent grid {list(grid)}; each of F×h×w must be a positive integer up to "
+            f"{'×'.join(map(str, MAX_GRID))}; {_REMAKE}."
+        )
+    head_dim = _int(meta["head_dim"], "head_dim", path, 4096)
+    steps = _int(meta["num_inference_steps"], "num_inference_steps", path, MAX_STEPS)
+    timesteps = _ints(meta["guided_timesteps"], "guided_timesteps", path)
+    names = _check_tables(path, header.tensors, mode, grid, head_dim, steps)
+    if len(timesteps) != len(names):
+        raise DiTFlowError(
+            f"{path} has {len(names)} tables but {len(timesteps)} guided timesteps; each guided step needs one; "
+            f"{_REMAKE}."
+        )
+    if not all(0 <= t < MAX_STEPS for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
+        raise DiTFlowError(
+            f"{path} has guided timesteps {list(timesteps)[:8]}, not decreasing values in 0..{MAX_STEPS - 1}; {_REMAKE}."
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tables = [f.get_tensor(k).float() for k in names]
     except (SafetensorError, OSError, ValueError) as e:
         raise DiTFlowError(f"{path} is not a readable safetensors file ({e}); give a DiTFlow embeddings file.") from None
-    if meta.get("format") != FORMAT:
-        raise DiTFlowError(f"{path} is a safetensors file but not DiTFlow positional embeddings (no '{FORMAT}' tag).")
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise DiTFlowError(f"{path} has format version {meta['format_version']}; update the DiTFlow node pack to read it.")
-    try:
-        return PositionEmbeds(
-            mode=Mode(meta["mode"]),
-            family=meta["model_family"],
-            grid=tuple(json.loads(meta["latent_grid"])),
-            head_dim=int(meta["head_dim"]),
-            num_inference_steps=int(meta["num_inference_steps"]),
-            timesteps=tuple(json.loads(meta["guided_timesteps"])),
-            tables=[tensors[k] for k in sorted(tensors)],
-            prompt=meta.get("prompt", ""),
-            reference=meta.get("reference", ""),
-        )
-    except (KeyError, ValueError) as e:
-        raise DiTFlowError(f"{path} has incomplete DiTFlow metadata ({e}); re-save it with this version.") from None
+    return PositionEmbeds(
+        mode=mode, family=meta["model_family"], grid=grid, head_dim=head_dim, num_inference_steps=steps,
+        timesteps=timesteps, tables=tables, prompt=meta.get("prompt", ""), reference=meta.get("reference", ""),
+    )
