@@ -187,8 +187,13 @@ def load_clip(model_path: str | os.PathLike | None = None):
     if model_path is not None and not Path(model_path).is_dir():
         raise DiTFlowError(f"CLIP model folder {model_path} does not exist; pass a folder with {CLIP_MODEL_ID}.")
     source = str(model_path) if model_path is not None else CLIP_MODEL_ID
+    if model_path is not None and not any(Path(model_path).glob("*.safetensors")):
+        raise DiTFlowError(
+            f"CLIP model folder {model_path} has no .safetensors weights (a pytorch_model.bin pickle is never read); "
+            f"download model.safetensors of {CLIP_MODEL_ID} into it."
+        )
     try:
-        model = CLIPModel.from_pretrained(source, local_files_only=True)
+        model = CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True)  # never a pickle
         processor = CLIPProcessor.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as err:
         raise DiTFlowError(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from pathlib import Path
 
 import cv2
@@ -40,6 +41,9 @@ _DIS_PRESETS = {
     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
 _COTRACKER_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+#: Oldest torch whose ``torch.load(weights_only=True)`` is safe on a hostile file: CVE-2025-32434 lets a crafted
+#: checkpoint run code through it on torch ≤ 2.5.1.
+MIN_TORCH_FOR_PICKLES = (2, 6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -131,6 +135,23 @@ def track_flow(frames: Tensor, queries: Tensor, *, preset: str = "medium") -> Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _torch_version() -> tuple[int, int]:
+    major, minor = (int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
+    return major, minor
+
+
+def _unsafe_torch_message() -> str | None:
+    """Why CoTracker's ``.pth`` may not be read with this torch (CVE-2025-32434), or ``None`` when it may."""
+    if _torch_version() >= MIN_TORCH_FOR_PICKLES:
+        return None
+    need = ".".join(map(str, MIN_TORCH_FOR_PICKLES))
+    return (
+        f"CoTracker3's weights are a .pth pickle, and torch {torch.__version__} cannot read one safely "
+        f"(CVE-2025-32434 runs code from a crafted file even with weights_only=True up to torch 2.5.1); upgrade to "
+        f"torch ≥ {need} or use tracker 'flow'."
+    )
+
+
 def _cotracker_paths(checkpoint: str | os.PathLike | None) -> tuple[Path, Path] | None:
     """(hub code dir, checkpoint file) when both exist on disk, else None. Never touches the network."""
     hub = Path(torch.hub.get_dir())
@@ -142,17 +163,20 @@ def _cotracker_paths(checkpoint: str | os.PathLike | None) -> tuple[Path, Path] 
 
 
 def cotracker_available(checkpoint: str | os.PathLike | None = None) -> bool:
-    """Whether CoTracker3 offline can run without any download (code in the torch.hub cache, weights on disk)."""
-    return _cotracker_paths(checkpoint) is not None
+    """Whether CoTracker3 offline can run without any download (code in the torch.hub cache, weights on disk) and
+    this torch reads its weights safely (≥ :data:`MIN_TORCH_FOR_PICKLES`)."""
+    return _cotracker_paths(checkpoint) is not None and _unsafe_torch_message() is None
 
 
 def _load_cotracker(repo: Path, ckpt: Path, device: torch.device) -> torch.nn.Module:
+    if (unsafe := _unsafe_torch_message()) is not None:
+        raise DiTFlowError(unsafe)
     key = (str(repo), str(ckpt))
     if key not in _COTRACKER_MODELS:
         # source="local" imports hubconf from the directory; pretrained=False skips its URL download.
         model = torch.hub.load(str(repo), COTRACKER_ENTRY, source="local", pretrained=False)
         # CoTracker3 ships its weights only as a .pth; weights_only=True unpickles tensors and containers alone
-        # (no code runs), and the file must come from the user's own hub cache or a path they gave.
+        # (no code runs) on torch ≥ 2.6, and the file must come from the user's own hub cache or a path they gave.
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.model.load_state_dict(state.get("model", state) if isinstance(state, dict) else state)
         _COTRACKER_MODELS[key] = model.eval()
@@ -187,6 +211,8 @@ def track_cotracker(
 
 
 def _cotracker_missing_message(checkpoint: str | os.PathLike | None) -> str:
+    if _cotracker_paths(checkpoint) is not None and (unsafe := _unsafe_torch_message()) is not None:
+        return unsafe
     hub = torch.hub.get_dir()
     if checkpoint is not None and not Path(checkpoint).is_file():
         return (

@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+from . import paths
+
+#: The checkpoint choice that means "the torch.hub checkpoint cache" (CoTracker's own download location).
+HUB_CACHE = "(torch.hub cache)"
+
 
 class DiTFlowMotionFidelity:
     CATEGORY = "DiTFlow/evaluation"
@@ -33,20 +38,21 @@ class DiTFlowMotionFidelity:
                             "on disk, else flow. The plot names the one used."}),
             },
             "optional": {
-                "cotracker_checkpoint": ("STRING", {"default": "", "tooltip": "Path of CoTracker3's "
-                                         "scaled_offline.pth (default: the torch.hub checkpoint cache)."}),
+                "cotracker_checkpoint": ([HUB_CACHE, *paths.cotracker_files()], {
+                    "default": HUB_CACHE, "tooltip": "CoTracker3's scaled_offline.pth from models/cotracker/ "
+                    "(refresh after adding it), or the torch.hub checkpoint cache."}),
             },
         }
 
-    def measure(self, reference, generated, grid_size, tracker, cotracker_checkpoint=""):
+    def measure(self, reference, generated, grid_size, tracker, cotracker_checkpoint=HUB_CACHE):
         import torch
 
         from ditflow.layout import image_to_frames
         from ditflow.metrics import motion_fidelity, plot_motion_fidelity
 
+        checkpoint = None if cotracker_checkpoint == HUB_CACHE else paths.cotracker_path(cotracker_checkpoint)
         ref, gen = image_to_frames(reference), image_to_frames(generated)
-        result = motion_fidelity(ref, gen, grid_size=grid_size, tracker=tracker,
-                                 cotracker_checkpoint=cotracker_checkpoint or None)
+        result = motion_fidelity(ref, gen, grid_size=grid_size, tracker=tracker, cotracker_checkpoint=checkpoint)
         plot = plot_motion_fidelity(ref, gen, result.tracks_ref, result.tracks_gen, result.score,
                                     tracker=result.tracker, size=result.size)
         return (result.score, torch.from_numpy(plot).float().div(255.0)[None])

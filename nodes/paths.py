@@ -3,6 +3,8 @@
 
 - ``CogVideo``: ``models/CogVideo/<name>/`` diffusers folders (the key and layout kijai's CogVideoXWrapper uses).
 - ``ditflow_embeds``: ``models/ditflow_embeds/`` and ``output/ditflow/`` (where DiTFlow Save Embeds writes).
+- ``cotracker``: ``models/cotracker/*.pth`` (CoTracker3's ``scaled_offline.pth`` for the Motion Fidelity node).
+  Nodes take checkpoints from this list only, never a free server path.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from ditflow import DiTFlowError
 MODELS_KEY = "CogVideo"
 EMBEDS_KEY = "ditflow_embeds"
 EMBEDS_EXTENSIONS = {".safetensors"}
+COTRACKER_KEY = "cotracker"
+COTRACKER_EXTENSIONS = {".pth"}
 
 
 def register() -> None:
@@ -23,9 +27,11 @@ def register() -> None:
     folder_paths.add_model_folder_path(MODELS_KEY, os.path.join(folder_paths.models_dir, "CogVideo"))
     folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.models_dir, "ditflow_embeds"))
     folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.get_output_directory(), "ditflow"))
-    paths, extensions = folder_paths.folder_names_and_paths[EMBEDS_KEY]
-    if not extensions:
-        folder_paths.folder_names_and_paths[EMBEDS_KEY] = (paths, set(EMBEDS_EXTENSIONS))
+    folder_paths.add_model_folder_path(COTRACKER_KEY, os.path.join(folder_paths.models_dir, "cotracker"))
+    for key, wanted in ((EMBEDS_KEY, EMBEDS_EXTENSIONS), (COTRACKER_KEY, COTRACKER_EXTENSIONS)):
+        paths, extensions = folder_paths.folder_names_and_paths[key]
+        if not extensions:
+            folder_paths.folder_names_and_paths[key] = (paths, set(wanted))
 
 
 def _is_model_folder(path: str) -> bool:
@@ -77,5 +83,27 @@ def embeds_path(name: str) -> str:
     if path is None:
         raise DiTFlowError(
             f"embeddings file {name!r} was not found in {', '.join(folder_paths.get_folder_paths(EMBEDS_KEY))}."
+        )
+    return path
+
+
+def cotracker_files() -> list[str]:
+    """The ``.pth`` files in every registered ``cotracker`` folder (names relative to their folder)."""
+    import folder_paths
+
+    register()
+    return folder_paths.get_filename_list(COTRACKER_KEY)
+
+
+def cotracker_path(name: str) -> str:
+    """Full path of a listed CoTracker checkpoint; any other name is refused without saying what exists on disk."""
+    import folder_paths
+
+    register()
+    path = folder_paths.get_full_path(COTRACKER_KEY, name) if name in cotracker_files() else None
+    if path is None:
+        raise DiTFlowError(
+            f"CoTracker checkpoint {name!r} is not one of the files in "
+            f"{', '.join(folder_paths.get_folder_paths(COTRACKER_KEY))}; put scaled_offline.pth there and refresh."
         )
     return path

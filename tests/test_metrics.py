@@ -129,6 +129,26 @@ def test_cotracker_missing_is_an_error_when_asked_for(tmp_path):
         track_points(square_clip(), grid_size=GRID, tracker="raft")
 
 
+@pytest.fixture
+def fake_cotracker(tmp_path):
+    """A CoTracker 'hub cache' whose hubconf records that it ran, and a checkpoint file beside it."""
+    repo = tmp_path / "hub" / "facebookresearch_co-tracker_main"
+    repo.mkdir(parents=True)
+    (repo / "hubconf.py").write_text("def cotracker3_offline(**kwargs):\n    raise RuntimeError('hubconf ran')\n")
+    checkpoint = tmp_path / "scaled_offline.pth"
+    checkpoint.write_bytes(b"a pickle we must not open on an unsafe torch")
+    return checkpoint
+
+
+def test_cotracker_is_refused_on_a_torch_with_cve_2025_32434(fake_cotracker, monkeypatch):
+    with pytest.raises(RuntimeError, match="hubconf ran"):  # torch 2.13: CoTracker is found and loading starts
+        track_points(square_clip(), GRID, "cotracker", cotracker_checkpoint=fake_cotracker)
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cu121")
+    with pytest.raises(DiTFlowError, match=r"CVE-2025-32434.*torch ≥ 2\.6 or use tracker 'flow'"):
+        track_points(square_clip(), GRID, "cotracker", cotracker_checkpoint=fake_cotracker)
+    assert track_points(square_clip(), GRID, "auto", cotracker_checkpoint=fake_cotracker)[1] == "flow"
+
+
 def test_query_grid_is_evenly_spaced_cell_centres():
     grid = query_grid(64, 32, 4)  # cells of 8×16 px → centres at 3.5, 11.5, ... (x) and 7.5, 23.5, ... (y)
     assert grid.shape == (16, 2)
@@ -254,8 +274,24 @@ def test_clip_score_is_a_per_frame_cosine_mean(tiny_clip):
     assert score == pytest.approx(per_frame.mean().item(), abs=1e-6)
 
 
+def test_clip_weights_as_a_pickle_are_refused_unread(tiny_clip, tmp_path, monkeypatch):
+    model, processor = tiny_clip
+    folder = tmp_path / "clip"
+    processor.save_pretrained(folder)
+    model.config.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # no model.safetensors
+    opened = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: opened.append(a[0]) or real_load(*a, **k))
+    with pytest.raises(DiTFlowError, match="no .safetensors weights.*never read"):
+        load_clip(folder)
+    assert opened == []
+    model.save_pretrained(folder)  # the same weights as safetensors load
+    assert isinstance(load_clip(folder)[0], type(model))
+
+
 def test_clip_without_weights_says_how_to_provide_them(tmp_path):
     with pytest.raises(DiTFlowError, match="does not exist"):
         load_clip(tmp_path / "missing")
-    with pytest.raises(DiTFlowError, match="model_path"):
+    with pytest.raises(DiTFlowError, match="no .safetensors weights"):
         load_clip(tmp_path)  # a folder without weights

@@ -147,6 +147,30 @@ def test_the_model_combo_lists_folders_from_every_registered_path(N, comfy, tmp_
         fp.folder_names_and_paths["CogVideo"][0].remove(str(extra))
 
 
+def test_the_cotracker_checkpoint_is_a_choice_from_models_cotracker_never_a_server_path(N, comfy, tmp_path):
+    node = N["DiTFlowMotionFidelity"]
+    folder = Path(comfy["folder_paths"].models_dir) / "cotracker"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "scaled_offline.pth").write_bytes(b"weights")
+    secret = tmp_path / "secret.pth"
+    secret.write_bytes(b"x")
+    try:
+        choices, options = node.INPUT_TYPES()["optional"]["cotracker_checkpoint"]
+        assert choices == ["(torch.hub cache)", "scaled_offline.pth"] and options["default"] == choices[0]
+        frames = torch.rand(5, 32, 32, 3)
+        messages = []
+        for path in (str(secret), str(tmp_path / "missing.pth"), "../../secret.pth"):  # exists, absent, escaping
+            with pytest.raises(DiTFlowError, match="is not one of the files in .*cotracker") as err:
+                run(node, reference=frames, generated=frames, grid_size=4, tracker="flow", cotracker_checkpoint=path)
+            messages.append(str(err.value).replace(path, "PATH"))
+        assert len(set(messages)) == 1  # the answer does not reveal which paths exist
+        score, _ = run(node, reference=frames, generated=frames, grid_size=4, tracker="flow",
+                       cotracker_checkpoint="scaled_offline.pth")
+        assert score == pytest.approx(1.0, abs=1e-4)
+    finally:
+        (folder / "scaled_offline.pth").unlink()
+
+
 def test_importing_the_pack_loads_no_heavy_module_and_shadows_no_comfy_module():
     code = textwrap.dedent(f"""
         import importlib.util, json, sys, types
