@@ -28,13 +28,14 @@ def naive_attention_motion_flow(q: Tensor, k: Tensor, grid: tuple[int, int, int]
     # A[i, s, j, t]: query patch s of frame i attending to key patch t of frame j, softmax over t (Eq. 3).
     attn = torch.softmax(temperature * logits.view(num_frames, s, num_frames, s), dim=-1)
 
-    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    device = q.device  # every tensor made here lives with q and k (the CUDA benchmark once mixed in CPU ones)
+    ys, xs = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     coords = torch.stack([xs.flatten(), ys.flatten()], dim=-1).float()  # [S, 2] as (x, y)
     offsets = coords[None, :, :] - coords[:, None, :]  # offsets[s, t] = coords[t] − coords[s]
 
     if hard:
         best = attn.argmax(dim=-1)  # [F, S, F]
-        disp = offsets[torch.arange(s)[None, :, None], best]  # [F, S, F, 2]
+        disp = offsets[torch.arange(s, device=device)[None, :, None], best]  # [F, S, F, 2]
     else:
         disp = torch.einsum("isjt,stc->isjc", attn, offsets)  # Eq. 7
     return disp.permute(0, 2, 1, 3).reshape(num_frames * num_frames, s, 2)

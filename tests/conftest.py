@@ -1,12 +1,42 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Shared pytest fixtures: paths to real video clips, each skipped cleanly when its source is absent."""
+"""Shared pytest fixtures: paths to real video clips, each skipped cleanly when its source is absent; the device of
+the ``gpu``-marked tests."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
+
+
+# --- GPU tests (pytest -m gpu) ---------------------------------------------------------------------------------------
+
+
+def _test_device() -> str:
+    """Where ``gpu`` tests run: ``cuda``, or ``cpu`` for a dry run at tiny sizes (``DITFLOW_TEST_DEVICE=cpu``)."""
+    return os.environ.get("DITFLOW_TEST_DEVICE", "cuda")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skips every ``gpu`` test when CUDA is absent (unless dry-running them on the CPU)."""
+    import torch
+
+    if _test_device() != "cuda" or torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (pytest -m gpu); DITFLOW_TEST_DEVICE=cpu dry-runs it")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def gpu_device():
+    """The device of the ``gpu`` tests (``torch.device``)."""
+    import torch
+
+    return torch.device(_test_device())
 
 
 @pytest.fixture(scope="session")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,3 +68,28 @@ def test_guidance_overhead_prints_phases_ratios_and_counted_block_forwards():
     counted = _table(out, "| run | counted (B1F) |")
     assert counted == [["unguided", "40", "40"], ["guided, checkpointing on", "54", "54"],
                        ["guided, checkpointing off", "50", "50"]]
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_naive_amf_creates_every_tensor_on_the_inputs_device(hard):
+    # The naive AMF once built its patch coordinates on the CPU, so `amf_memory.py --device cuda` failed ("mat2 is
+    # on cpu"). The meta device stands in for CUDA here: every op's output must be on the inputs' device.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from amf_reference import naive_attention_motion_flow
+
+    class Devices(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.seen |= {t.device.type for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+            return out
+
+    q = torch.randn(2, 3 * 4 * 6, 8, device="meta")
+    with Devices() as mode:
+        amf = naive_attention_motion_flow(q, q, (3, 4, 6), hard=hard)
+    assert amf.shape == (9, 24, 2) and amf.device.type == "meta"
+    assert mode.seen == {"meta"}
