@@ -7,6 +7,8 @@ Sizes: 9 frames → 3 latent frames; 64×96 px → 8×12 latent px → 4×6 patc
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -18,6 +20,13 @@ from ditflow.cli import main
 
 TINY = ["--num-frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--guidance-fraction", "0.5",
         "--opt-steps", "2", "--guidance-blocks", "1", "--dtype", "fp32", "--device", "cpu"]
+
+
+def _normal_mode() -> int:
+    """0o666 less the process umask: the mode of any new file (0o644 under umask 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _frames(path):
@@ -48,6 +57,9 @@ def _transfer_then_inject(model_path, video, mode, tmp_path, extra=()):
     assert _frames(out2 / "result.mp4") == (9, 64, 96)
     run2 = json.loads((out2 / "run.json").read_text())
     assert run2["job"] == "inject" and run2["loss_per_step"] == []
+    written = sorted(out.iterdir()) + sorted(out2.iterdir())
+    assert {p.name for p in written} == {"result.mp4", "reference.mp4", "run.json", "embeds.safetensors"}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: _normal_mode() for p in written}
     return out
 
 

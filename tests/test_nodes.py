@@ -218,6 +218,9 @@ def test_rope_chain_on_5b_optimises_saves_loads_and_injects(N, comfy, chain_5b, 
     ui = run(N["DiTFlowSaveEmbeds"], embeds=embeds, filename_prefix="ditflow/embeds")
     saved = ui["ui"]["text"][0]
     assert saved == os.path.join("ditflow", "embeds_00001_.safetensors")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(os.path.join(fp.get_output_directory(), saved)).st_mode & 0o777 == 0o666 & ~mask  # not 0600
     choices = N["DiTFlowLoadEmbeds"].INPUT_TYPES()["required"]["embeds_file"][0]
     assert "embeds_00001_.safetensors" in choices  # output/ditflow is an embeddings folder
     mtime = N["DiTFlowLoadEmbeds"].IS_CHANGED("embeds_00001_.safetensors")
