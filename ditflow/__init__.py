@@ -18,6 +18,8 @@ Conventions (stated once here, reminded at each use)
   ``[T, H, W, 3]`` in [0, 1]. Frame counts are 4k+1 (latent frames = (frames − 1)/4 + 1).
 - Defaults of the method live once, in :class:`ditflow.config.GuidanceConfig`.
 - User-facing failures raise :class:`ditflow.errors.DiTFlowError` with one readable sentence.
+- The Flow Poke Transformer (:mod:`ditflow.fpt`) works on one image, in its own units (positions in [0, 1]² of a
+  square view, flows in pixels at its boundary); they are stated once in ``ditflow/fpt/__init__``.
 
 Importing this package is cheap: it does not import diffusers or transformers; the modules that need them do.
 """
