@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass
 
 from .errors import DiTFlowError
@@ -68,6 +69,20 @@ def check_blocks(blocks, num_blocks: int, what: str = "guidance block") -> tuple
     return blocks
 
 
+def check_number(name: str, value, low: float, high: float, usual: str, *, low_open: bool = False) -> float:
+    """``value`` as a float if it is finite and in [low, high] (``(low, high]`` with ``low_open``); else raises
+    :class:`DiTFlowError` naming the range and the ``usual`` values. NaN and ±Inf are never accepted."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise DiTFlowError(f"{name} must be a number, got {value!r}.") from None
+    inside = (low < number if low_open else low <= number) and number <= high
+    if not (math.isfinite(number) and inside):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise DiTFlowError(f"{name} must be a finite number in {interval} ({usual}), got {value!r}.")
+    return number
+
+
 #: Paper's guidance block per model family (§5.1: block 20 on 5B; 15 on 2B).
 DEFAULT_GUIDANCE_BLOCK = {"2b": 15, "5b": 20}
 
@@ -96,6 +111,10 @@ class GuidanceConfig:
         guidance_scale: classifier-free guidance weight w; ``None`` means the family default (:data:`DEFAULT_CFG`).
         dynamic_cfg: cosine-ramped CFG as diffusers does for 5B; ``None`` means the family default.
         gradient_checkpointing: recompute block activations in the backward of optimisation passes.
+
+    Raises:
+        DiTFlowError: on construction, for an unknown mode or loss, or a number outside its range; NaN and ±Inf
+            are refused everywhere, learning rates above 1 and CFG scales above 100 as certain blow-ups.
     """
 
     mode: Mode = Mode.LATENT
@@ -119,14 +138,16 @@ class GuidanceConfig:
         object.__setattr__(self, "kv_injection_blocks", tuple(int(b) for b in self.kv_injection_blocks))
         if self.num_inference_steps < 1:
             raise DiTFlowError(f"steps must be at least 1, got {self.num_inference_steps}.")
-        if not 0.0 <= self.guidance_fraction <= 1.0:
-            raise DiTFlowError(f"guidance fraction must be in [0, 1], got {self.guidance_fraction}.")
+        check_number("guidance fraction", self.guidance_fraction, 0.0, 1.0, "paper: 0.2")
         if self.opt_steps < 0:
             raise DiTFlowError(f"optimisation steps must be >= 0, got {self.opt_steps}.")
-        if self.temperature <= 0:
-            raise DiTFlowError(f"temperature must be > 0, got {self.temperature}.")
-        if self.lr_start < 0 or self.lr_end < 0:
-            raise DiTFlowError(f"learning rates must be >= 0, got {self.lr_start} → {self.lr_end}.")
+        check_number("temperature", self.temperature, 0.0, 100.0, "paper: 2; its ablation spans 1–10", low_open=True)
+        # Adam moves each value by about the learning rate per iteration; latents have unit variance and the
+        # positional tables lie in [-1, 1], so beyond 1 every step destroys them.
+        for name in ("lr_start", "lr_end"):
+            check_number(f"learning rate {name}", getattr(self, name), 0.0, 1.0, "paper: 0.002 → 0.001")
+        if self.guidance_scale is not None:
+            check_number("CFG scale", self.guidance_scale, 0.0, 100.0, "CogVideoX uses 6; ≤ 1 turns CFG off")
 
     @property
     def num_guided_steps(self) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .config import Mode
-from .errors import DiTFlowError
+from .errors import DiTFlowError, check_finite
 from .files import atomic_path
 
 FORMAT = "ditflow-position-embeds"
@@ -69,8 +69,16 @@ class PositionEmbeds:
 
 
 def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
-    """Writes ``embeds`` to ``path`` (``.safetensors``) atomically: a temp file renamed when complete."""
+    """Writes ``embeds`` to ``path`` (``.safetensors``) atomically: a temp file renamed when complete.
+
+    Raises:
+        DiTFlowError: if a table holds NaN/Inf or has blown up (they would make every injection black).
+    """
     from safetensors.torch import save_file
+
+    for i, table in enumerate(embeds.tables):
+        check_finite(table, f"the positional embeddings of guided step {i + 1}", "they are not saved: optimise them "
+                     "again with a smaller learning rate")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,40 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The one exception type users see.
+"""The one exception type users see, and the check that stops a run before it turns into garbage.
 
 Every check on user input (files, sizes, frame counts, blocks, embeddings) raises :class:`DiTFlowError` with a
 single sentence that says what was wrong and what to do. The CLI prints it without a traceback and the ComfyUI
 nodes let it reach the UI as is. It subclasses ``ValueError`` so callers that catch that keep working.
 """
 
+from __future__ import annotations
+
+#: Largest magnitude a healthy run's latents, positional tables and decoded frames reach. Scaled CogVideoX latents
+#: and the noisy z_t have unit variance, RoPE cos/sin and the sin-cos table lie in [-1, 1]; anything this large is a
+#: blow-up on its way to Inf (fp16 overflows at 65504), and an all-black video if decoded.
+HEALTHY_MAGNITUDE = 1e4
+
 
 class DiTFlowError(ValueError):
     """Bad input or an unsupported model, explained in one sentence."""
+
+
+def check_finite(values, what: str, fix: str, *, limit: float | None = HEALTHY_MAGNITUDE) -> None:
+    """Raises :class:`DiTFlowError` "<what> went non-finite (...); <fix>." if ``values`` holds NaN or ±Inf, or exceeds
+    ``limit`` in magnitude (``None``: no limit).
+
+    Args:
+        values: a tensor (any shape, any float dtype) or a float.
+        what: where it went wrong, e.g. "the latents after denoising step 3 of 50".
+        fix: what to change, e.g. "lower the CFG scale".
+    """
+    import torch
+
+    t = torch.as_tensor(values).detach()
+    finite = torch.isfinite(t)
+    if not bool(finite.all()):
+        nan = int(torch.isnan(t).sum())
+        raise DiTFlowError(f"{what} went non-finite ({nan} NaN and {t.numel() - nan - int(finite.sum())} ±Inf of "
+                           f"{t.numel()} values); {fix}.")
+    if limit is not None and t.numel() and float(t.abs().max()) > limit:
+        raise DiTFlowError(f"{what} blew up (|value| up to {float(t.abs().max()):.3g}, a healthy run stays below "
+                           f"{limit:g}); {fix}.")

@@ -59,5 +59,9 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:
-    """Writes ``data`` as indented JSON to ``path`` atomically; non-JSON values are written as ``str``."""
-    write_text(path, json.dumps(data, indent=2, default=str))
+    """Writes ``data`` as indented JSON to ``path`` atomically; non-JSON values are written as ``str``.
+
+    Raises:
+        ValueError: if ``data`` holds NaN or ±Inf, which strict JSON has no word for (``NaN`` is not JSON).
+    """
+    write_text(path, json.dumps(data, indent=2, default=str, allow_nan=False))

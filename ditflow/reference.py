@@ -20,7 +20,7 @@ from torch import Tensor
 from .amf import attention_motion_flow
 from .attention import AttentionController, controlled_attention
 from .config import Loss, check_blocks
-from .errors import DiTFlowError
+from .errors import DiTFlowError, check_finite
 from .forward import forward_until
 from .losses import video_features
 from .positions import owned_sincos, rope_tables, sincos_table
@@ -30,6 +30,9 @@ from .text import encode_prompt
 # VAE
 # ---------------------------------------------------------------------------------------------------------------------
 
+_VAE_FIX = ("the VAE turns finite inputs into NaN/Inf: its weights are damaged (re-download or re-convert vae/) or "
+            "its dtype overflows (with fp16 try bf16 or fp32)")
+
 
 @torch.no_grad()
 def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Tensor:
@@ -37,7 +40,12 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
 
     Uses the posterior mean, or a sample drawn with ``torch.Generator().manual_seed(sample_seed)`` — reproducible
     either way (the authors' script samples without a generator).
+
+    Raises:
+        DiTFlowError: if the latents come out NaN/Inf (damaged VAE weights) or the VAE's scaling factor is not a
+            positive number.
     """
+    scale = model.vae_scaling_factor
     vae = model.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     x = rearrange(frames.to(device, dtype), "f c h w -> 1 c f h w")  # the VAE's layout
@@ -55,23 +63,36 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
             f"the VAE encoded {frames.shape[0]}×{frames.shape[2]}×{frames.shape[3]} frames to latent "
             f"{'×'.join(map(str, z.shape[2:]))} instead of {'×'.join(map(str, expected))}; turn VAE tiling off."
         )
-    return rearrange(z * model.vae_scaling_factor, "b c f h w -> b f c h w").contiguous()
+    check_finite(z, "the VAE's encoding of the reference video", _VAE_FIX, limit=None)
+    return rearrange(z * scale, "b c f h w -> b f c h w").contiguous()
 
 
 @torch.no_grad()
 def decode_latents(model, latents: Tensor) -> Tensor:
-    """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU."""
+    """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU.
+
+    Raises:
+        DiTFlowError: if the latents or the decoded frames hold NaN/Inf (which would write a black video), or the
+            VAE's scaling factor is not a positive number.
+    """
     vae = model.vae
+    scale = model.vae_scaling_factor
+    check_finite(latents, "the latents to decode", "generate them again; a sampler run stops before it returns "
+                 "such latents, so they came from elsewhere", limit=None)
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    z = rearrange(latents.to(device, dtype) / model.vae_scaling_factor, "b f c h w -> b c f h w")
+    z = rearrange(latents.to(device, dtype) / scale, "b f c h w -> b c f h w")
     with torch.inference_mode(False):
         video = vae.decode(z).sample  # [1, 3, F, H, W]
+    check_finite(video, "the decoded video", _VAE_FIX, limit=None)
     return rearrange(video[0], "c f h w -> f c h w").float().clamp(-1, 1).cpu()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Reference AMF
 # ---------------------------------------------------------------------------------------------------------------------
+
+_MODEL_FIX = ("the transformer turns finite inputs into NaN/Inf: its weights are damaged (re-download or re-convert "
+              "transformer/) or its dtype overflows (with fp16 try bf16 or fp32)")
 
 
 @dataclass
@@ -157,7 +178,7 @@ def extract_reference(
         empty_prompt: T5 embedding of the empty prompt ``[1, L, D_text]``; encoded here (text encoder needed)
             when not given.
     Raises:
-        DiTFlowError: a block out of range or latents of the wrong shape.
+        DiTFlowError: a block out of range, latents of the wrong shape, or NaN/Inf in the pass (damaged weights).
     """
     loss = Loss.parse(loss)
     blocks = check_blocks(blocks, model.num_blocks)
@@ -178,9 +199,15 @@ def extract_reference(
         with owned_sincos(transformer, lambda: table):
             if loss.uses_features:
                 outs = capture_outputs(model, z, empty, t0, blocks, image_rotary_emb=rope)
+                for b, h in outs.items():
+                    check_finite(h, f"the reference pass's output of block {b}", _MODEL_FIX, limit=None)
                 features = {b: video_features(h, grid).float().cpu() for b, h in outs.items()}
             else:
                 qk = capture_qk(model, z, empty, t0, blocks, image_rotary_emb=rope)
+                for b, (q, k) in qk.items():
+                    for name, values in (("queries", q), ("keys", k)):
+                        check_finite(values, f"the reference pass's attention {name} at block {b}", _MODEL_FIX,
+                                     limit=None)
                 amf = {b: attention_motion_flow(q[0], k[0], grid, temperature=temperature, hard=True).cpu()
                        for b, (q, k) in qk.items()}
     return ReferenceMotion(amf=amf, grid=grid, temperature=temperature, latents=latents.detach().cpu(), features=features)

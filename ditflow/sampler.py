@@ -12,7 +12,9 @@ Per denoising step t:
 
 Differs from the authors' script (method.md §6): the last guided step uses exactly ``lr_end``; the model runs in
 its own dtype while optimised tensors stay fp32; the reference K/V pass is skipped when injection is off; cond and
-uncond run as one batch. Defaults: :class:`~ditflow.config.GuidanceConfig`.
+uncond run as one batch; the loss, the optimised tensor and the latents are checked after every iteration and
+step, and a NaN, Inf or blow-up stops the run with the step, the cause and the fix (the authors' script writes a
+black video). Defaults: :class:`~ditflow.config.GuidanceConfig`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from .amf import amf_loss, attention_motion_flow
 from .attention import AttentionController, controlled_attention
 from .config import GuidanceConfig, Loss, Mode
 from .embeds import PositionEmbeds
-from .errors import DiTFlowError
+from .errors import DiTFlowError, check_finite
 from .forward import forward_until
 from .inference_tensors import replace_inference_tensors
 from .layout import token_grid
@@ -155,7 +157,15 @@ def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
     config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
     if embeds is not None:
         embeds.check_compatible(model, grid, config.num_inference_steps)
+        for i, table in enumerate(embeds.tables):
+            check_finite(table, f"the injected positional embeddings of guided step {i + 1}",
+                         "use embeddings saved by a rope/posemb run that finished normally")
     return grid, config, optimise
+
+
+#: What to change when the model itself turns healthy inputs into NaN/Inf.
+_MODEL_FIX = ("the model turns finite inputs into NaN/Inf: its weights are damaged (re-download or re-convert them) "
+              "or its dtype overflows (with fp16 try bf16 or fp32)")
 
 
 class _GuidedRun:
@@ -267,12 +277,20 @@ class _GuidedRun:
         param.requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=self.config.learning_rate(i))
         step_losses = []
+        where = f"denoising step {i + 1} of {len(self.timesteps)}"
+        lr_fix = (f"the learning rate {self.config.learning_rate(i):g} is too large for this model: lower "
+                  f"lr_start/lr_end (paper: 0.002 → 0.001)")
+        what = {Mode.LATENT: "latents", Mode.ROPE: "RoPE tables", Mode.POSEMB: "sin-cos table"}[self.config.mode]
         for k in range(self.config.opt_steps):
             with torch.enable_grad():
                 loss = self._loss(param, t, kv)
+                # The first iteration sees inputs already checked: a non-finite loss there is the model's doing.
+                check_finite(loss, f"the guidance loss at {where}, Adam iteration {k + 1}", _MODEL_FIX if k == 0
+                             else lr_fix, limit=None)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
             optimiser.step()
+            check_finite(param, f"the optimised {what} at {where}, Adam iteration {k + 1}", lr_fix)
             step_losses.append(loss.item())
             if self.callback is not None:
                 self.callback({**info, "iteration": k, "loss": step_losses[-1], "latents": self.latents})
@@ -292,6 +310,15 @@ class _GuidedRun:
         if self.embeds is not None and i < len(self.embeds.tables):
             return self.embeds.tables[i].to(self.device)
         return None
+
+    def _denoise_fix(self, i: int) -> str:
+        """The likeliest cause of non-finite latents after step ``i``: CFG scale, injected embeddings, or the model."""
+        scale = self.config.guidance_scale
+        if self.do_cfg and scale > 15:
+            return f"the CFG scale {scale:g} is far above CogVideoX's 6: lower it"
+        if self.embeds is not None and i < len(self.embeds.tables):
+            return "the injected positional embeddings drive the model out of range: use embeddings from a normal run"
+        return _MODEL_FIX
 
     def denoise_step(self, i: int, t: Tensor, kv: dict, guided: bool, info: dict) -> None:
         """The CFG step (cond and uncond batched) with the optimised z_t or embeddings and the injected K/V."""
@@ -316,6 +343,8 @@ class _GuidedRun:
         latents, self.old_pred_original = _scheduler_step(
             self.scheduler, noise_pred, self.old_pred_original, t, t_prev, self.latents, self.step_kwargs)
         self.latents = latents.to(self.dtype)
+        check_finite(self.latents, f"the latents after denoising step {i + 1} of {len(self.timesteps)}",
+                     self._denoise_fix(i))
         self._timed("denoising", tic)
         if self.callback is not None:
             loss = self.losses[-1][-1] if guided and self.optimise else None
@@ -357,7 +386,8 @@ def sample(
         embeds: saved positional embeddings to inject zero-shot (no optimisation; the reference is optional).
         callback: see :data:`Callback`.
     Raises:
-        DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference.
+        DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference; a loss,
+            optimised tensor or latent that turns NaN/Inf or blows up (the message names the step and the fix).
     """
     grid, config, optimise = _check_inputs(model, config, reference, embeds, size)
     with torch.inference_mode(False):

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .errors import check_finite
+
 
 @dataclass(frozen=True)
 class PromptEmbeds:
@@ -46,5 +48,13 @@ def encode_prompt(model, prompt: str, negative_prompt: str = "") -> PromptEmbeds
     """Encodes ``prompt`` and ``negative_prompt`` (padded to ``max_text_seq_length`` tokens, truncated beyond).
 
     Returns embeddings on the text encoder's device in its dtype.
+
+    Raises:
+        DiTFlowError: if the embeddings hold NaN/Inf (damaged weights, or T5 overflowing in fp16).
     """
-    return PromptEmbeds(_t5(model, prompt), _t5(model, negative_prompt or ""), prompt, negative_prompt or "")
+    embeds = PromptEmbeds(_t5(model, prompt), _t5(model, negative_prompt or ""), prompt, negative_prompt or "")
+    for which, values in (("prompt", embeds.cond), ("negative prompt", embeds.uncond)):
+        check_finite(values, f"the text encoder's embedding of the {which}", "the text encoder turns the tokens into "
+                     "NaN/Inf: its weights are damaged (re-download text_encoder/) or T5 overflows in fp16 (use bf16 "
+                     "or fp32)", limit=None)
+    return embeds

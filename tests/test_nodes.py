@@ -377,6 +377,16 @@ def test_missing_model_folder_and_bad_save_inputs_are_refused(N, rope_run):
         run(N["DiTFlowSaveEmbeds"], embeds=rope_run["embeds"], filename_prefix="../../escape/embeds")
 
 
+def test_nan_widgets_and_nan_latents_are_refused_as_in_the_cli(N, chain_5b):
+    model = chain_5b["model"]
+    with pytest.raises(DiTFlowError, match=r"lr_start must be a finite number in \[0, 1\]"):
+        run(N["DiTFlowGuidedSampler"], model=model, conditioning=chain_5b["cond"], mode="latent", amf=chain_5b["amf"],
+            **{**FAST, "lr_start": float("nan")})
+    nan = {"samples": torch.full((1, 16, 3, 8, 12), float("nan"))}
+    with pytest.raises(DiTFlowError, match="latents to decode went non-finite"):
+        run(N["DiTFlowDecode"], model=model, samples=nan)
+
+
 def test_cancel_mid_optimisation_leaves_the_model_stock(N, comfy, chain_5b, monkeypatch):
     from ditflow.attention import DiTFlowAttnProcessor
 
