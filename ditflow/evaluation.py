@@ -99,16 +99,35 @@ def clip_frame_count(frames: tuple[int, int, int], max_frames: int | None = None
     return count
 
 
+def _short(value) -> str:
+    """A bounded repr of a manifest value for error messages (a deep or long value cannot flood the terminal)."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlist, r.maxdict = 2, 60, 60, 4, 4
+    return r.repr(value)
+
+
+def _text(value) -> bool:
+    return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
+
+
 def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
     """Reads and checks a manifest (format in the module docstring); relative video paths are resolved against
-    the manifest's folder.
+    the manifest's folder. Every field must have its JSON type: ``name``, ``video`` and each prompt non-empty
+    strings (a ``null`` prompt is refused, not turned into the text "None"), ``frames`` three integers (not
+    booleans).
 
     Raises:
-        DiTFlowError: unreadable JSON, a missing field, a bad name, range or prompt kind (the message names it).
+        DiTFlowError: unreadable or too deeply nested JSON, a missing field or one of the wrong type, a bad name,
+            range or prompt kind (the message names the entry and the field).
     """
     path = Path(path)
     try:
         data = json.loads(path.read_text())
+    except RecursionError:
+        raise DiTFlowError(f"manifest {path} is nested too deeply to be a manifest; see the format in "
+                           "ditflow/evaluation.py.") from None
     except (OSError, ValueError) as err:
         raise DiTFlowError(f"cannot read manifest {path}: {err}") from None
     entries = data.get("videos") if isinstance(data, dict) else None
@@ -119,20 +138,29 @@ def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
         where = f"manifest {path}, video {i}"
         if not isinstance(e, dict) or not {"name", "video", "frames", "prompts"} <= set(e):
             raise DiTFlowError(f"{where}: needs the keys name, video, frames, prompts.")
-        name = str(e["name"])
-        if not _NAME.match(name) or name in seen:
-            raise DiTFlowError(f"{where}: name {name!r} must be unique and use only letters, digits, '.', '_', '-'.")
+        name = e["name"]
+        if not isinstance(name, str) or not _NAME.match(name) or name in seen:
+            raise DiTFlowError(f"{where}: name {_short(name)} must be a unique string of letters, digits, '.', '_', "
+                               "'-'.")
         seen.add(name)
+        if not _text(e["video"]):
+            raise DiTFlowError(f"{where} ({name}): video must be a path as a string, got {_short(e['video'])}.")
         frames = e["frames"]
-        if not (isinstance(frames, list) and len(frames) == 3 and all(isinstance(v, int) for v in frames)
+        if not (isinstance(frames, list) and len(frames) == 3
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in frames)
                 and frames[0] >= 0 and frames[2] >= 1):
-            raise DiTFlowError(f"{where}: frames must be [start, end, step] integers, start ≥ 0, step ≥ 1; got {frames}.")
+            raise DiTFlowError(f"{where} ({name}): frames must be [start, end, step] integers, start ≥ 0, step ≥ 1; "
+                               f"got {_short(frames)}.")
         prompts = e["prompts"]
         if not isinstance(prompts, dict) or not prompts or not set(prompts) <= set(PROMPT_KINDS):
-            raise DiTFlowError(f"{where}: prompts must map some of {', '.join(PROMPT_KINDS)} to text; got {prompts}.")
+            raise DiTFlowError(f"{where} ({name}): prompts must map some of {', '.join(PROMPT_KINDS)} to text; "
+                               f"got {_short(prompts)}.")
+        for kind, text in prompts.items():
+            if not _text(text):
+                raise DiTFlowError(f"{where} ({name}): the {kind} prompt must be non-empty text, got {_short(text)}.")
         video = Path(e["video"]).expanduser()
         video = video if video.is_absolute() else (path.parent / video)
-        videos.append(ManifestVideo(name, video.resolve(), tuple(frames), {k: str(v) for k, v in prompts.items()}))
+        videos.append(ManifestVideo(name, video.resolve(), tuple(frames), dict(prompts)))
     return videos
 
 

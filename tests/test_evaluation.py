@@ -90,6 +90,39 @@ def test_manifest_paths_ranges_and_frame_counts(manifest, tmp_path):
         BenchOptions(model=ModelOptions("m"), methods=("ditflow", "motionclone"))
 
 
+_GOOD = {"name": "pan", "video": "clips/pan.mp4", "frames": [0, 12, 1], "prompts": {"caption": "a panning texture"}}
+
+
+@pytest.mark.parametrize("case,entry,message", [
+    ("video a number", {"video": 5}, "video must be a path as a string, got 5"),
+    ("null caption", {"prompts": {"caption": None}}, "the caption prompt must be non-empty text, got None"),
+    ("empty subject", {"prompts": {"subject": " "}}, "the subject prompt must be non-empty text"),
+    ("boolean frame", {"frames": [True, 12, 1]}, "frames must be [start, end, step] integers"),
+    ("one boolean", {"frames": [True]}, "got [True]"),
+    ("name a number", {"name": 5}, "name 5 must be a unique string"),
+    ("deep prompts", {"prompts": {"caption": [[[[[["x"]]]]]]}}, "got [[[...]]]"),
+])
+def test_manifests_with_wrong_types_are_refused_in_one_sentence(
+    tiny_5b_path, manifest, tmp_path, capsys, monkeypatch, case, entry, message
+):
+    import ditflow.jobs
+
+    monkeypatch.setattr(ditflow.jobs, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    bad = manifest.parent / "bad.json"
+    bad.write_text(json.dumps({"videos": [{**_GOOD, **entry}]}))
+    assert main(_cli_args(tiny_5b_path, bad, tmp_path / "out", "backbone")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error: manifest ")
+    assert message in err
+
+
+def test_a_deeply_nested_manifest_is_refused_in_one_sentence(manifest):
+    bad = manifest.parent / "deep.json"
+    bad.write_text('{"videos": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(DiTFlowError, match="nested too deeply"):
+        load_manifest(bad)
+
+
 def test_bench_eval_writes_videos_records_and_table_then_skips_finished_items(
     tiny_5b_path, manifest, tmp_path, monkeypatch, capsys
 ):
