@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Command line: ``python -m ditflow {transfer,inject,evaluate,bench-eval} ...``; ``--help`` on each documents every
+"""Command line: ``python -m ditflow {transfer,inject,evaluate,bench-eval,poke,fpt-convert} ...``; ``--help`` on each documents every
 option.
 
 Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr.
@@ -153,7 +153,76 @@ def build_parser() -> argparse.ArgumentParser:
                    "optional 'ray' package and the model path on every node (default: sequential, here)")
     b.add_argument("--ray-workers", type=int, default=None,
                    help="Ray actors, one model each (default: the cluster's GPU count, else 1)")
+    _add_fpt_commands(sub)
     return parser
+
+
+def _point(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a point like 120,80 (x,y in pixels), got {text!r}") from None
+    return x, y
+
+
+def _add_fpt_commands(sub) -> None:
+    """``poke`` and ``fpt-convert``: the Flow Poke Transformer (ditflow.fpt)."""
+    from .fpt.fields import MODES, PRECISIONS
+    from .fpt.jobs import PokeOptions
+    from .fpt.view import FITS
+
+    d = PokeOptions()
+    p = sub.add_parser("poke", help="Flow Poke Transformer: how an image moves when poked (dense flow field)",
+                       description="Predicts the motion of every point of --image given pokes (drag x0,y0 to x1,y1, "
+                       "in pixels, x right, y down). Writes flow.safetensors (tensor 'flow' [H, W, 2], (dx, dy) in "
+                       "pixels per pixel, OpenCV's layout), flow.png (colour wheel, pokes drawn) and, with --query, "
+                       "density.png (where that point may go).")
+    p.add_argument("--model", required=True, help="FPT weights converted by 'fpt-convert' (.safetensors)")
+    p.add_argument("--image", required=True, help="the image (png, jpg, …)")
+    p.add_argument("--pokes", required=True, help="'x0,y0,x1,y1; x0,y0,x1,y1' in pixels ('' for none)")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--query", type=_point, default=None, help="x,y in pixels: also write density.png for this point")
+    p.add_argument("--fit", default=d.fit, choices=FITS, help="non-square images: pad (letterbox, whole image; "
+                   "default) or crop (centre square, the authors' demo)")
+    p.add_argument("--mode", default=d.mode, choices=MODES, help="mean: expected flow (default); sample: one "
+                   "plausible motion (autoregressive on --ar-grid, seeded)")
+    p.add_argument("--grid", type=int, default=d.grid, help=f"query points along the longer side (default {d.grid})")
+    p.add_argument("--ar-grid", type=int, default=d.ar_grid, help=f"sampled points along the longer side in mode "
+                   f"sample (default {d.ar_grid})")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of mode sample (default 0)")
+    p.add_argument("--moving-camera", action="store_true", help="do not condition on a still camera")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="fp32 (default) or bf16 autocast (GPU)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+
+    c = sub.add_parser("fpt-convert", help="convert the released FPT .pt checkpoint to safetensors, once",
+                       description="Reads flow_poke_open_set_base.pt (huggingface.co/CompVis/flow-poke-transformer, "
+                       "CC BY-NC 4.0) with torch.load(weights_only=True), refuses anything but tensors, and writes "
+                       "the weights as safetensors for 'poke' and the ComfyUI nodes (models/fpt/).")
+    c.add_argument("checkpoint", help="the authors' .pt")
+    c.add_argument("output", help="the .safetensors to write")
+    c.add_argument("--encoder-heads", type=int, default=None, help="DINOv2 attention heads, not stored in the "
+                   "weights (default: 64-wide heads, 12 for the released DINOv2-B)")
+    c.add_argument("--image-size", type=int, default=448, help="side images are resized to before encoding, not "
+                   "stored in the weights (default 448, the released model's)")
+
+
+def _fpt(args) -> None:
+    if args.command == "fpt-convert":
+        from .fpt.checkpoint import convert_checkpoint
+
+        config = convert_checkpoint(args.checkpoint, args.output, encoder_heads=args.encoder_heads,
+                                    image_size=args.image_size)
+        print(f"wrote {args.output} (width {config.width}, {config.depth} blocks, DINOv2 "
+              f"{config.encoder.hidden_size}×{config.encoder.layers})", file=sys.stderr)
+        return
+    from .fpt.jobs import PokeOptions, run_poke
+
+    options = PokeOptions(fit=args.fit, mode=args.mode, grid=args.grid, ar_grid=args.ar_grid, seed=args.seed,
+                          camera_static=not args.moving_camera, precision=args.precision, query=args.query)
+    written = run_poke(args.model, args.image, args.pokes, args.out, options, device=args.device,
+                       log=lambda line: print(line, file=sys.stderr, flush=True))
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -248,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     from . import jobs
 
     try:
+        if args.command in ("poke", "fpt-convert"):
+            _fpt(args)
+            return 0
         if args.command == "evaluate":
             _evaluate(args)
             return 0

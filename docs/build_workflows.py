@@ -24,6 +24,7 @@ CORE = {
     "CreateVideo": ([("images", "IMAGE", False), ("audio", "AUDIO", True)], [("VIDEO", "VIDEO")], ["fps"]),
     "SaveVideo": ([("video", "VIDEO", False)], [], ["filename_prefix", "format", "codec"]),
     "PreviewImage": ([("images", "IMAGE", False)], [], []),
+    "LoadImage": ([], [("IMAGE", "IMAGE"), ("MASK", "MASK")], ["image", "upload"]),
     "Note": ([], [], ["text"]),
 }
 
@@ -201,10 +202,41 @@ def rope_inject():
     return g.json()
 
 
+def fpt_poke_flow():
+    """Flow Poke Transformer: image + pokes → dense flow (colour wheel) and one point's motion density."""
+    g = Graph()
+    g.add("Note", (20, 20), [
+        "Flow Poke Transformer (Baumann et al., ICCV 2025): how an image may move when you poke it.\n\n"
+        "1. Download flow_poke_open_set_base.pt from huggingface.co/CompVis/flow-poke-transformer (CC BY-NC 4.0: "
+        "non-commercial use) and convert it once:\n"
+        "   python -m ditflow fpt-convert flow_poke_open_set_base.pt ComfyUI/models/fpt/fpt_base.safetensors\n"
+        "2. Load an image and write pokes as x0,y0,x1,y1 in its pixels (drag (x0, y0) to (x1, y1)), one per line.\n"
+        "3. FPT Predict Flow: the expected motion (mean) or one sampled motion (sample, seeded).\n"
+        "   FPT Motion Density: where the query point may go."], size=(360, 330))
+    load = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
+    image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
+    embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
+    pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
+    flow = g.add("DiTFlowFPTPredictFlow", (760, 20), {"mode": "mean", "grid": 128}, size=(320, 250))
+    density = g.add("DiTFlowFPTMotionDensity", (760, 420), {"query_x": 230.0, "query_y": 300.0}, size=(320, 200))
+    show_flow = g.add("PreviewImage", (1120, 20), size=(360, 360), title="flow (colour wheel) and pokes")
+    show_density = g.add("PreviewImage", (1120, 420), size=(360, 360), title="motion density of the query")
+    g.link(load, 0, embed, "fpt")
+    g.link(image, 0, embed, "image")
+    for node in (flow, density):
+        g.link(load, 0, node, "fpt")
+        g.link(embed, 0, node, "embedding")
+        g.link(pokes, 0, node, "pokes")
+    g.link(flow, 1, show_flow, "images")
+    g.link(density, 0, show_density, "images")
+    return g.json()
+
+
 WORKFLOWS = {
     "ditflow_t2v_latent": t2v_latent,
     "ditflow_rope_optimize_and_save": rope_optimize_and_save,
     "ditflow_rope_inject": rope_inject,
+    "fpt_poke_flow": fpt_poke_flow,
 }
 
 if __name__ == "__main__":

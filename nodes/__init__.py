@@ -9,6 +9,8 @@ from .embeds_nodes import DiTFlowLoadEmbeds, DiTFlowSaveEmbeds
 from .metrics_nodes import DiTFlowMotionFidelity
 from .model_nodes import DiTFlowDecode, DiTFlowLoadCogVideoX, DiTFlowTextEncode
 from .motion_nodes import DiTFlowEncodeReference, DiTFlowExtractAMF, DiTFlowVisualizeAMF
+from .poke_nodes import (DiTFlowFPTEmbedImage, DiTFlowFPTMotionDensity, DiTFlowFPTPredictFlow, DiTFlowLoadFPT,
+                         DiTFlowPokes)
 from .sampler_node import DiTFlowGuidedSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -22,6 +24,11 @@ NODE_CLASS_MAPPINGS = {
     "DiTFlowLoadEmbeds": DiTFlowLoadEmbeds,
     "DiTFlowVisualizeAMF": DiTFlowVisualizeAMF,
     "DiTFlowMotionFidelity": DiTFlowMotionFidelity,
+    "DiTFlowLoadFPT": DiTFlowLoadFPT,
+    "DiTFlowFPTEmbedImage": DiTFlowFPTEmbedImage,
+    "DiTFlowPokes": DiTFlowPokes,
+    "DiTFlowFPTPredictFlow": DiTFlowFPTPredictFlow,
+    "DiTFlowFPTMotionDensity": DiTFlowFPTMotionDensity,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -35,6 +42,11 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiTFlowLoadEmbeds": "DiTFlow Load Embeds",
     "DiTFlowVisualizeAMF": "DiTFlow Visualize AMF",
     "DiTFlowMotionFidelity": "DiTFlow Motion Fidelity",
+    "DiTFlowLoadFPT": "Load FPT (Flow Poke Transformer)",
+    "DiTFlowFPTEmbedImage": "FPT Embed Image",
+    "DiTFlowPokes": "FPT Pokes",
+    "DiTFlowFPTPredictFlow": "FPT Predict Flow",
+    "DiTFlowFPTMotionDensity": "FPT Motion Density",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

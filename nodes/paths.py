@@ -5,6 +5,7 @@
 - ``ditflow_embeds``: ``models/ditflow_embeds/`` and ``output/ditflow/`` (where DiTFlow Save Embeds writes).
 - ``cotracker``: ``models/cotracker/*.pth`` (CoTracker3's ``scaled_offline.pth`` for the Motion Fidelity node).
   Nodes take checkpoints from this list only, never a free server path.
+- ``fpt``: ``models/fpt/*.safetensors``, Flow Poke Transformer weights converted by ``python -m ditflow fpt-convert``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ EMBEDS_KEY = "ditflow_embeds"
 EMBEDS_EXTENSIONS = {".safetensors"}
 COTRACKER_KEY = "cotracker"
 COTRACKER_EXTENSIONS = {".pth"}
+FPT_KEY = "fpt"
+FPT_EXTENSIONS = {".safetensors"}
 
 
 def register() -> None:
@@ -28,7 +31,9 @@ def register() -> None:
     folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.models_dir, "ditflow_embeds"))
     folder_paths.add_model_folder_path(EMBEDS_KEY, os.path.join(folder_paths.get_output_directory(), "ditflow"))
     folder_paths.add_model_folder_path(COTRACKER_KEY, os.path.join(folder_paths.models_dir, "cotracker"))
-    for key, wanted in ((EMBEDS_KEY, EMBEDS_EXTENSIONS), (COTRACKER_KEY, COTRACKER_EXTENSIONS)):
+    folder_paths.add_model_folder_path(FPT_KEY, os.path.join(folder_paths.models_dir, "fpt"))
+    for key, wanted in ((EMBEDS_KEY, EMBEDS_EXTENSIONS), (COTRACKER_KEY, COTRACKER_EXTENSIONS),
+                        (FPT_KEY, FPT_EXTENSIONS)):
         paths, extensions = folder_paths.folder_names_and_paths[key]
         if not extensions:
             folder_paths.folder_names_and_paths[key] = (paths, set(wanted))
@@ -105,5 +110,26 @@ def cotracker_path(name: str) -> str:
         raise DiTFlowError(
             f"CoTracker checkpoint {name!r} is not one of the files in "
             f"{', '.join(folder_paths.get_folder_paths(COTRACKER_KEY))}; put scaled_offline.pth there and refresh."
+        )
+    return path
+
+
+def fpt_files() -> list[str]:
+    """Converted FPT weights in every ``fpt`` folder."""
+    import folder_paths
+
+    register()
+    return folder_paths.get_filename_list(FPT_KEY)
+
+
+def fpt_path(name: str) -> str:
+    import folder_paths
+
+    register()
+    path = folder_paths.get_full_path(FPT_KEY, name) if name in fpt_files() else None  # listed files only
+    if path is None:
+        raise DiTFlowError(
+            f"FPT weights {name!r} were not found in {', '.join(folder_paths.get_folder_paths(FPT_KEY))}; convert "
+            "flow_poke_open_set_base.pt with 'python -m ditflow fpt-convert' into models/fpt (see the README)."
         )
     return path

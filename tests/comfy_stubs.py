@@ -177,6 +177,12 @@ def install(base: str) -> dict[str, types.ModuleType]:
     return mods
 
 
+def run_node(node_cls, **kwargs):
+    """Calls a node's function the way ComfyUI's executor does: a fresh instance, inside inference mode."""
+    with torch.inference_mode():
+        return getattr(node_cls(), node_cls.FUNCTION)(**kwargs)
+
+
 def uninstall() -> None:
     for name in NAMES:
         sys.modules.pop(name, None)

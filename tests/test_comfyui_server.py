@@ -8,6 +8,7 @@ workflow is converted to API format by the harness (through ``/object_info``), t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -53,15 +54,22 @@ def server(tmp_path_factory, request):
         clip = request.getfixturevalue("bmx_path")
     except pytest.skip.Exception:
         clip = request.getfixturevalue("real_clip_path")
+    with comfy_server() as base:
+        build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")
+        shutil.copy(clip, base / "input" / "reference.mp4")
+        yield {"base": base, "log": base / "comfyui.log"}
+
+
+@contextlib.contextmanager
+def comfy_server():
+    """Starts ComfyUI with this pack on ``PORT`` (a fresh base folder, yielded) and stops it afterwards."""
     base = COMFY_HOME / "runs" / f"port-{PORT}"
     started = subprocess.run([str(HARNESS / "start_comfy.sh"), "-n", str(ROOT), "-p", str(PORT)],
                              capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
     pid = started.stdout.strip().splitlines()[-1]
     try:
-        build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")
-        shutil.copy(clip, base / "input" / "reference.mp4")
-        yield {"base": base, "log": base / "comfyui.log"}
+        yield base
     finally:
         subprocess.run([str(HARNESS / "stop_comfy.sh"), pid], capture_output=True, timeout=60)
 

@@ -66,6 +66,13 @@ def test_conversion_refuses_anything_but_fpt_tensors(tmp_path, payload, message)
     assert not (tmp_path / "out.safetensors").exists()
 
 
+def test_conversion_refuses_torch_older_than_2_6(tmp_path, monkeypatch):
+    torch.save({"model": random_reference_state_dict(TINY, 0)}, tmp_path / "fpt.pt")
+    monkeypatch.setattr(torch, "__version__", "2.5.1+cpu")
+    with pytest.raises(DiTFlowError, match="CVE-2025-32434"):
+        convert_checkpoint(tmp_path / "fpt.pt", tmp_path / "out.safetensors")
+
+
 def test_unknown_tensor_names_are_refused():
     from ditflow.fpt.checkpoint import convert_state_dict
 

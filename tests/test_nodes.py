@@ -68,10 +68,7 @@ def reference_image(request):
     return frames_to_image(frames)
 
 
-def run(node_cls, **kwargs):
-    """Calls a node's function the way ComfyUI's executor does: a fresh instance, inside inference mode."""
-    with torch.inference_mode():
-        return getattr(node_cls(), node_cls.FUNCTION)(**kwargs)
+run = comfy_stubs.run_node
 
 
 @pytest.fixture(scope="module")

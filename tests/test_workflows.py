@@ -13,7 +13,7 @@ import comfy_stubs
 WORKFLOWS = sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))
 
 #: Core node type → widget count in ComfyUI 0.3.64 (LoadVideo: file + the upload button's value).
-CORE_WIDGETS = {"LoadVideo": 2, "GetVideoComponents": 0, "CreateVideo": 1, "SaveVideo": 3, "PreviewImage": 0,
+CORE_WIDGETS = {"LoadVideo": 2, "LoadImage": 2, "GetVideoComponents": 0, "CreateVideo": 1, "SaveVideo": 3, "PreviewImage": 0,
                 "Note": 1}
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
@@ -40,9 +40,10 @@ def widget_count(cls) -> int:
     return n
 
 
-def test_there_are_three_workflows():
+def test_there_are_four_workflows():
     assert [p.name for p in WORKFLOWS] == [
-        "ditflow_rope_inject.json", "ditflow_rope_optimize_and_save.json", "ditflow_t2v_latent.json"]
+        "ditflow_rope_inject.json", "ditflow_rope_optimize_and_save.json", "ditflow_t2v_latent.json",
+        "fpt_poke_flow.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -117,7 +117,7 @@ def infer_config(state_dict: dict[str, Tensor], encoder_heads: int | None = None
             components=state_dict[f"out_mlp.{2 * output_depth + 1}.weight"].shape[0] // 6,
             encoder=EncoderConfig(
                 hidden_size=hidden, layers=count(re.escape(_DINO) + r"blocks\.(\d+)\..*"),
-                heads=encoder_heads or hidden // 64, registers=state_dict[_DINO + "register_tokens"].shape[1],
+                heads=encoder_heads or max(1, hidden // 64), registers=state_dict[_DINO + "register_tokens"].shape[1],
                 patch_size=patch, position_grid=math.isqrt(positions), image_size=image_size,
             ),
         )
@@ -163,13 +163,20 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, encode
     """Converts the authors' checkpoint ``src`` (``.pt``) into the safetensors file ``dst``, once.
 
     Loads with ``torch.load(weights_only=True)``: a pickle that holds anything but tensors and plain containers is
-    refused by PyTorch itself, and a state dict with non-tensor entries by this function. ``dst`` is written
+    refused by PyTorch itself (safe from torch 2.6 on; older torch is refused, CVE-2025-32434), and a state dict
+    with non-tensor entries by this function. ``dst`` is written
     atomically. Returns the model's sizes.
 
     Raises:
         DiTFlowError: unreadable file, no or unknown state dict.
     """
+    from ..tracking import MIN_TORCH_FOR_PICKLES, _torch_version
+
     src = Path(src)
+    if _torch_version() < MIN_TORCH_FOR_PICKLES:
+        raise DiTFlowError(f"the FPT checkpoint is a .pt pickle, which torch {torch.__version__} cannot read safely "
+                           "(CVE-2025-32434 runs code from a crafted file even with weights_only=True up to torch "
+                           f"2.5.1); convert it once with torch ≥ {'.'.join(map(str, MIN_TORCH_FOR_PICKLES))}.")
     try:
         loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:

@@ -47,13 +47,20 @@ def build_dinov2(cfg: EncoderConfig, state_dict: dict[str, Tensor] | None = None
         DiTFlowError: ``state_dict`` misses tensors or has extra or mis-shaped ones (the message names a few).
     """
     from transformers import Dinov2WithRegistersModel
+    from transformers.utils import logging as hf_logging
 
     config = dinov2_config(cfg)
     if state_dict is None:
         return Dinov2WithRegistersModel(config)
-    model, info = Dinov2WithRegistersModel.from_pretrained(
-        None, config=config, state_dict=state_dict, output_loading_info=True
-    )
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar counts tensors already in memory
+    try:
+        model, info = Dinov2WithRegistersModel.from_pretrained(
+            None, config=config, state_dict=state_dict, output_loading_info=True
+        )
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         details = "; ".join(f"{k.replace('_', ' ')}: {', '.join(map(str, list(v)[:3]))}" for k, v in bad.items())

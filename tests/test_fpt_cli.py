@@ -1,0 +1,68 @@
+# SPDX-License-Identifier: Apache-2.0
+"""``python -m ditflow fpt-convert`` and ``poke`` end to end on the tiny random FPT (``ditflow.testing.tiny_fpt``):
+a .pt in the released layout is converted, then a 90×60 px PNG is poked."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from ditflow.cli import main
+from ditflow.testing.tiny_fpt import TINY, random_reference_state_dict
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fpt_cli")
+    torch.save({"model": random_reference_state_dict(TINY, 0)}, root / "fpt.pt")
+    rng = np.random.default_rng(0)
+    cv2.imwrite(str(root / "image.png"), rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(files):
+    """The tiny .pt converted through the CLI; its encoder heads and image size are not the release's defaults."""
+    from ditflow.fpt.checkpoint import read_fpt
+
+    out = files / "fpt.safetensors"
+    assert main(["fpt-convert", str(files / "fpt.pt"), str(out), "--encoder-heads", "2", "--image-size", "56"]) == 0
+    assert read_fpt(out)[1] == TINY
+    return out
+
+
+def test_poke_writes_a_flow_field_and_pictures(files, weights, tmp_path):
+    out = tmp_path / "out"
+    assert main(["poke", "--model", str(weights), "--image", str(files / "image.png"), "--pokes", "30,30,42,25",
+                 "--out", str(out), "--grid", "8", "--query", "40,30", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["density.png", "flow.png", "flow.safetensors"]
+    with safe_open(str(out / "flow.safetensors"), framework="pt") as f:
+        flow, meta = f.get_tensor("flow"), f.metadata()
+    assert flow.shape == (60, 90, 2) and flow.dtype == torch.float32 and torch.isfinite(flow).all()
+    assert meta["pokes"] == "30,30,42,25" and "(dx, dy) in pixels" in meta["convention"]
+    assert cv2.imread(str(out / "flow.png")).shape == (60, 90, 3) == cv2.imread(str(out / "density.png")).shape
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--pokes", "30,30,42"], "Poke 1 ('30,30,42') has 3 numbers, not 4"),
+    (["--pokes", "300,30,42,25"], "Poke 1 starts at (300, 30), outside the 90×60 px image."),
+    (["--pokes", "", "--query", "5,100"], "query point (5, 100) is outside"),
+    (["--pokes", "", "--image", "missing.png"], "does not exist"),
+])
+def test_bad_input_is_one_error_line_and_writes_nothing(files, weights, tmp_path, capsys, args, message):
+    base = {"--model": str(weights), "--image": str(files / "image.png"), "--out": str(tmp_path / "out")}
+    extra = dict(zip(args[::2], args[1::2]))
+    argv = ["poke"] + [x for k, v in (base | extra).items() for x in (k, v)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not (tmp_path / "out").exists()
+
+
+def test_unconverted_weights_are_refused(files, tmp_path, capsys):
+    assert main(["poke", "--model", str(files / "fpt.pt"), "--image", str(files / "image.png"), "--pokes", "",
+                 "--out", str(tmp_path / "out")]) == 2
+    assert "not a .safetensors file; convert the released .pt once" in capsys.readouterr().err
