@@ -138,6 +138,7 @@ def motion_density(model, embedding: ImageEmbedding, pokes: Pokes, query: tuple[
     (:meth:`FlowMixture.pixel_mass`), spread evenly over their pixels.
     """
     mixture = predict_mixture(model, embedding, pokes, query, camera_static=camera_static, precision=precision)
+    mixture = FlowMixture(mixture.logits.cpu(), mixture.means.cpu(), mixture.scale_tril.cpu())  # a few numbers
     view = embedding.view
     h, w = view.height, view.width
     step = max(1, -(-max(h, w) // DENSITY_CELLS))  # pixels per cell side
