@@ -311,7 +311,9 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from ditflow import GuidanceConfig, Mode
+    from ditflow.layout import token_grid
     from ditflow.loading import parse_dtype
+    from ditflow.memory import estimate_memory, free_bytes, plan_memory
     from ditflow.text import encode_prompt
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -328,8 +330,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kv-block", type=int, default=0, help="KV-injection block; -1 turns injection off")
     parser.add_argument("--opt-steps", type=int, default=GuidanceConfig.opt_steps)
     parser.add_argument("--guidance-fraction", type=float, default=GuidanceConfig.guidance_fraction)
-    parser.add_argument("--checkpointing", choices=["on", "off", "both"], default="on",
-                        help="gradient checkpointing in the optimisation passes; 'both' runs the guided case twice")
+    parser.add_argument("--checkpointing", choices=["on", "off", "both", "auto"], default="on",
+                        help="gradient checkpointing in the optimisation passes; 'both' runs the guided case twice; "
+                        "'auto' runs what ditflow.memory.plan_memory picks from the free memory (always printed)")
     parser.add_argument("--vae", choices=["real", "tiny", "none"], default=None,
                         help="VAE for encode/decode (default: real for 2b/5b, tiny otherwise; none = random latents)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -352,6 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if mode == "rope" and family != "5b" or mode == "posemb" and family != "2b":
         parser.error(f"mode {mode} does not fit the {family} family")
 
+    free = free_bytes(device)  # before the model occupies it, as the CLI reads it
     t0 = time.perf_counter()
     model = build_model(args.size, device, dtype, vae)
     build_s = time.perf_counter() - t0
@@ -364,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
                           num_inference_steps=steps, opt_steps=args.opt_steps,
                           guidance_fraction=args.guidance_fraction)
     unguided_cfg = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=steps)
-    ckpt = {"on": [True], "off": [False], "both": [True, False]}[args.checkpointing]
+    plan = plan_memory(estimate_memory(model, token_grid(frames, height, width), base.resolved(family, num_blocks)),
+                       free, offload="none", on_cpu=device == "cpu")
+    ckpt = {"on": [True], "off": [False], "both": [True, False], "auto": [plan.gradient_checkpointing]}[args.checkpointing]
     size = (frames, height, width)
     common = dict(size=size, reference_frames=reference_frames, seed=0, meter=meter, vae=vae != "none")
 
@@ -396,7 +402,8 @@ def main(argv: list[str] | None = None) -> None:
           f"model built in {build_s:.1f} s")
     print(f"mode {mode}; {steps} steps, {resolved.num_guided_steps} guided × {base.opt_steps} Adam iterations; "
           f"guidance block {block}; KV-injection block {kv_blocks[0] if kv_blocks else 'off'}; "
-          f"CFG {'batched (batch 2)' if cfg_on else 'off'}\n")
+          f"CFG {'batched (batch 2)' if cfg_on else 'off'}")
+    print(f"gradient checkpointing auto: {'on' if plan.gradient_checkpointing else 'off'} ({plan.checkpointing_reason})\n")
 
     names = list(runs)
     order = ["reference encode", "AMF extraction", "sampling (total)"]

@@ -45,6 +45,8 @@ from .jobs import (
     ModelOptions,
     ReferenceOptions,
     generate,
+    load_for_run,
+    memory_record,
     read_reference,
     reference_motion,
 )
@@ -246,16 +248,18 @@ class Worker:
     def __init__(self, options: BenchOptions):
         self.options = options
         self._cog = None
+        self._plan = None  # the memory plan, settled at load for the first item's size (ditflow.memory)
         self._latents: dict[str, Tensor] = {}
         self._motion: dict[tuple, object] = {}
         self._clip = None  # (model, processor) or the reason IQ is skipped
 
-    @property
-    def cog(self):
+    def _load(self, ref_frames: Tensor):
+        """The model, loaded on first use with a memory plan for this item's size and the DiTFlow method."""
         if self._cog is None:
-            from .jobs import _load
+            from .layout import token_grid
 
-            self._cog = _load(self.options.model)
+            grid = token_grid(ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
+            self._cog, self._plan = load_for_run(self.options.model, grid, self.options.config("ditflow"))
         return self._cog
 
     def _clip_or_reason(self):
@@ -275,9 +279,10 @@ class Worker:
         from .metrics import clip_score, motion_fidelity
         from .reference import encode_video
 
-        cog, opts = self.cog, self.options
+        cog, opts = self._load(ref_frames), self.options
         timings: dict[str, float] = {}
-        config = opts.config(item.method).resolved(cog.family, cog.num_blocks)
+        config = dataclasses.replace(opts.config(item.method).resolved(cog.family, cog.num_blocks),
+                                     gradient_checkpointing=self._plan.gradient_checkpointing)
         tic = time.perf_counter()
         name = item.video.name
         if name not in self._latents:
@@ -311,6 +316,7 @@ class Worker:
             "frames": int(frames.shape[0]), "size": [opts.height, opts.width], "seed": opts.seed,
             "model": str(opts.model.path), "model_family": cog.family,
             "guidance": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()},
+            "memory": memory_record(self._plan, opts.model.device),
             "loss_per_step": result.losses, "timings_s": timings,
         }
         return frames, record

@@ -23,7 +23,8 @@ from .config import GuidanceConfig, Mode
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError
 from .files import write_json
-from .layout import video_frames
+from .layout import token_grid, video_frames
+from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
 from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
 from .sampler import Callback, SampleResult, sample
 from .text import encode_prompt
@@ -32,10 +33,13 @@ from .video import load_video, prepare_reference, write_video
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """How to load the model: a diffusers-format folder (or hub id), dtype, device, memory savers.
+    """How to load and run the model: a diffusers-format folder (or hub id), dtype, device, memory policy.
 
-    ``offload`` (default on) keeps the networks on the CPU and moves each to ``device`` only while it runs, so the
-    5b transformer (11 GB bf16) and its T5 (9.5 GB) never share the GPU; the CLI's ``--no-offload`` turns it off.
+    ``offload`` (``auto``, ``sequential``, ``none``) and ``gradient_checkpointing`` (``auto``, ``on``, ``off``) are
+    settled per run by :func:`ditflow.memory.plan_memory` from the device's free memory: ``sequential`` keeps the
+    networks on the CPU and moves each to ``device`` only while it runs, so the 5b transformer (11 GB bf16) and
+    its T5 (9.5 GB) never share the GPU; ``none`` keeps them all there. The plan's checkpointing replaces
+    :attr:`GuidanceConfig.gradient_checkpointing`.
     """
 
     path: str
@@ -43,7 +47,8 @@ class ModelOptions:
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     vae_tiling: bool = True
     vae_slicing: bool = False
-    offload: bool = True
+    offload: str = "auto"
+    gradient_checkpointing: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -59,7 +64,8 @@ class ReferenceOptions:
     sample_seed: int | None = None  # None: posterior mean
 
 
-def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict) -> dict:
+def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict,
+            memory: dict) -> dict:
     return {
         "job": kind,
         "ditflow_version": __version__,
@@ -67,18 +73,42 @@ def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleRes
         "platform": platform.platform(),
         "settings": settings,
         "guidance": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(config).items()},
+        "memory": memory,
         "loss_per_step": result.losses,
         "timings_s": {**timings, **{f"sample.{k}": v for k, v in result.timings.items()}},
     }
 
 
-def _load(options: ModelOptions):
+def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: GuidanceConfig, *, log=None):
+    """Loads the model and settles its memory plan for a run of ``config`` at the latent ``grid`` (F, h, w).
+
+    The free memory is read before any weight reaches the device and the peak-memory counter restarts; the
+    networks load on the CPU, then stay there between uses (``sequential``) or move to the device for good
+    (``none``). ``log`` (a ``str`` callback) gets the two choices and their reasons.
+
+    Returns:
+        (:class:`~ditflow.loading.CogVideoX`, :class:`~ditflow.memory.MemoryPlan`).
+    """
     from .loading import load_cogvideox
 
-    return load_cogvideox(
-        options.path, dtype=options.dtype, device=options.device,
-        vae_tiling=options.vae_tiling, vae_slicing=options.vae_slicing, offload=options.offload,
-    )
+    free = free_bytes(options.device)
+    reset_peak(options.device)
+    cog = load_cogvideox(options.path, dtype=options.dtype, device=options.device, vae_tiling=options.vae_tiling,
+                         vae_slicing=options.vae_slicing, offload=True)
+    estimate = estimate_memory(cog, grid, config.resolved(cog.family, cog.num_blocks))
+    plan = plan_memory(estimate, free, offload=options.offload, gradient_checkpointing=options.gradient_checkpointing,
+                       on_cpu=torch.device(options.device).type == "cpu")
+    if plan.offload == "none":
+        cog.keep_on_device()
+    if log is not None:
+        log(plan.describe())
+    return cog, plan
+
+
+def memory_record(plan: MemoryPlan, device: str) -> dict:
+    """The plan and the peak GPU memory since :func:`load_for_run`, for run.json (``n/a`` on the CPU)."""
+    peak = peak_bytes(device)
+    return {**plan.record(), "peak_gpu_allocated_gb": "n/a (ran on the CPU)" if peak is None else round(peak / GB, 2)}
 
 
 def reference_motion(cog, ref_latents, config: GuidanceConfig) -> ReferenceMotion | None:
@@ -161,9 +191,13 @@ def transfer(
     seed: int = 0,
     fps: float | None = None,
     callback: Callback | None = None,
+    log=None,
 ) -> dict:
     """Motion transfer end to end; writes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
     ``rope``/``posemb``, ``embeds.safetensors`` into ``out_dir``. Returns the run record (``run.json``'s content).
+
+    ``log`` (a ``str`` callback) gets the memory plan (:func:`load_for_run`); the record's ``memory`` holds it
+    with the peak GPU memory.
 
     Raises:
         DiTFlowError: any bad input (video, sizes, frames, blocks, model), before the model is loaded if possible.
@@ -174,9 +208,11 @@ def transfer(
     timings["read_video"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    cog = _load(model)
+    size = tuple(ref_frames.shape[i] for i in (0, 2, 3))  # frames, height, width
+    cog, plan = load_for_run(model, token_grid(*size), config, log=log)
     timings["load_model"] = time.perf_counter() - tic
-    resolved = config.resolved(cog.family, cog.num_blocks)
+    resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks),
+                                   gradient_checkpointing=plan.gradient_checkpointing)
 
     tic = time.perf_counter()
     with cog.on_device("vae"):
@@ -186,8 +222,8 @@ def transfer(
     motion = reference_motion(cog, ref_latents, resolved)
     timings["extract_amf"] = time.perf_counter() - tic
 
-    out_frames, result = generate(cog, prompt, resolved, motion, size=tuple(ref_frames.shape[i] for i in (0, 2, 3)),
-                                  negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings)
+    out_frames, result = generate(cog, prompt, resolved, motion, size=size, negative_prompt=negative_prompt,
+                                  seed=seed, callback=callback, timings=timings)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,7 +238,7 @@ def transfer(
         "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference), "seed": seed, "fps": out_fps,
         "frames_written": int(out_frames.shape[0]),
     }
-    record = _record("transfer", settings, resolved, result, timings)
+    record = _record("transfer", settings, resolved, result, timings, memory_record(plan, model.device))
     write_json(out / "run.json", record)
     return record
 
@@ -218,6 +254,7 @@ def inject(
     seed: int = 0,
     fps: float = 8.0,
     callback: Callback | None = None,
+    log=None,
 ) -> dict:
     """Zero-shot generation with saved positional embeddings and a new prompt (no reference, no optimisation).
 
@@ -227,13 +264,13 @@ def inject(
     """
     timings = {}
     embeds = load_embeds(embeds_path)
-    tic = time.perf_counter()
-    cog = _load(model)
-    timings["load_model"] = time.perf_counter() - tic
     # Injection replays the saved steps, so the schedule is the embeddings' own.
     config = dataclasses.replace(
         config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
     )
+    tic = time.perf_counter()
+    cog, plan = load_for_run(model, tuple(embeds.grid), config, log=log)
+    timings["load_model"] = time.perf_counter() - tic
     frames, result = generate(cog, prompt, config, None, negative_prompt=negative_prompt, seed=seed,
                               callback=callback, timings=timings, embeds=embeds)
     out = Path(out_dir)
@@ -245,12 +282,12 @@ def inject(
         "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
         "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
     }
-    record = _record("inject", settings, config, result, timings)
+    record = _record("inject", settings, config, result, timings, memory_record(plan, model.device))
     write_json(out / "run.json", record)
     return record
 
 
 __all__ = [
-    "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "read_reference", "reference_motion",
-    "transfer",
+    "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run", "memory_record",
+    "read_reference", "reference_motion", "transfer",
 ]

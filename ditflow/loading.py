@@ -105,14 +105,31 @@ class CogVideoX:
             return
         modules = [getattr(self, n) for n in names]
         try:
-            for m in modules:
-                m.to(self.compute_device)
+            with torch.inference_mode(False):  # moved weights stay normal tensors even if a caller is in it
+                for m in modules:
+                    m.to(self.compute_device)
             yield self
         finally:
-            for m in modules:
-                m.to("cpu")
+            with torch.inference_mode(False):
+                for m in modules:
+                    m.to("cpu")
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+
+    def keep_on_device(self) -> None:
+        """Ends sequential offload: every loaded network moves to :attr:`compute_device` and stays there.
+
+        ``offload none`` of :func:`ditflow.memory.plan_memory`, decided once the weights' sizes are known. A no-op
+        when the model was loaded without ``offload``.
+        """
+        if self.compute_device is None:
+            return
+        with torch.inference_mode(False):
+            for name in ("transformer", "vae", "text_encoder"):
+                module = getattr(self, name)
+                if module is not None:
+                    module.to(self.compute_device)
+        self.compute_device = None
 
     @property
     def num_blocks(self) -> int:

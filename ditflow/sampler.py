@@ -66,7 +66,10 @@ class SampleResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _resolve_grid(model, reference, embeds, size) -> tuple[int, int, int]:
+def sampling_grid(reference=None, embeds=None, size=None) -> tuple[int, int, int]:
+    """The latent token grid (F, h, w) a :func:`sample` call runs at: from ``size`` (frames, height, width in px),
+    the reference or the embeddings, which must agree; raises :class:`DiTFlowError` if none is given or they differ.
+    """
     grids = {}
     if size is not None:
         grids["requested size"] = token_grid(*size)
@@ -144,7 +147,7 @@ def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | 
 
 def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
     """Fails before any compute, quoting the bad values; returns (grid, resolved config, optimise?)."""
-    grid = _resolve_grid(model, reference, embeds, size)
+    grid = sampling_grid(reference, embeds, size)
     optimise = embeds is None and config.mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
     if optimise and reference is None:
         raise DiTFlowError(f"mode '{config.mode.value}' optimises toward a reference motion: give a reference video.")

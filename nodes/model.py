@@ -49,9 +49,12 @@ class DiTFlowModel:
                 _Carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
             )
 
-    def use(self, *names: str):
+    def use(self, *names: str, memory_required: int = 0):
         """Loads the named components onto their compute device (fully: plain torch layers cannot be split) and
         returns the bundle for the library call.
+
+        ``memory_required`` (bytes) is the working memory the library call needs beyond the weights
+        (``ditflow.memory``); ComfyUI evicts other models (T5 before the sampler on a 24 GB card) to make room.
 
         The move runs outside ComfyUI's inference mode, so the moved weights are normal tensors (moved inside it they
         would be inference tensors, and guidance could not differentiate through them). Moves ComfyUI makes
@@ -60,8 +63,24 @@ class DiTFlowModel:
         import comfy.model_management as mm
 
         with torch.inference_mode(False):
-            mm.load_models_gpu([self.patchers[n] for n in names], force_full_load=True)
+            mm.load_models_gpu([self.patchers[n] for n in names], memory_required=int(memory_required),
+                               force_full_load=True)
         return self.bundle
+
+    def available_memory(self, name: str) -> tuple[int, bool]:
+        """(bytes ComfyUI can give component ``name`` on its load device, whether that device is the CPU).
+
+        On a GPU: free memory now plus what the models ComfyUI holds there occupy (it evicts them as needed, this
+        component included); on the CPU: ComfyUI's free RAM.
+        """
+        import comfy.model_management as mm
+
+        device = self.patchers[name].load_device
+        free = int(mm.get_free_memory(device))
+        if device.type == "cpu":
+            return free, True
+        held = sum(p.loaded_size() for p in mm.loaded_models() if p.load_device == device)
+        return free + int(held), False
 
     def __repr__(self) -> str:
         return f"DiTFlowModel({self.bundle.family}, {self.bundle.path}, {self.bundle.dtype})"

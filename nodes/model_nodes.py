@@ -59,9 +59,11 @@ class DiTFlowTextEncode:
 
     def encode(self, model, prompt, negative_prompt):
         import comfy.model_management as mm
+        from ditflow.memory import text_workspace
         from ditflow.text import encode_prompt
 
-        embeds = encode_prompt(model.use("text_encoder"), prompt, negative_prompt)
+        bundle = model.use("text_encoder", memory_required=text_workspace(model.bundle))
+        embeds = encode_prompt(bundle, prompt, negative_prompt)
         return (embeds.to(mm.intermediate_device(), embeds.cond.dtype),)
 
 
@@ -82,8 +84,9 @@ class DiTFlowDecode:
 
     def decode(self, model, samples):
         from ditflow.layout import frames_to_image, from_comfy_latent
-        from ditflow.reference import decode_latents
+        from ditflow.memory import vae_workspace
+        from ditflow.reference import decode_latents, latent_grid
 
-        bundle = model.use("vae")
-        latents = from_comfy_latent(samples["samples"], bundle.vae_scaling_factor)
+        latents = from_comfy_latent(samples["samples"], model.bundle.vae_scaling_factor)
+        bundle = model.use("vae", memory_required=vae_workspace(model.bundle, latent_grid(model.bundle, latents)))
         return (frames_to_image(decode_latents(bundle, latents)),)

@@ -38,13 +38,15 @@ class DiTFlowEncodeReference:
 
     def encode(self, model, images, width, height, num_frames, start, stride, resize):
         import comfy.model_management as mm
-        from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent
+        from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent, token_grid
+        from ditflow.memory import vae_workspace
         from ditflow.reference import encode_video
         from ditflow.video import prepare_reference
 
         frames = prepare_reference(image_to_frames(images), height=height, width=width, num_frames=num_frames,
                                    start=start, stride=stride, resize=resize)
-        bundle = model.use("vae")
+        grid = token_grid(frames.shape[0], frames.shape[2], frames.shape[3])
+        bundle = model.use("vae", memory_required=vae_workspace(model.bundle, grid))
         latents = to_comfy_latent(encode_video(bundle, frames), bundle.vae_scaling_factor)
         return ({"samples": latents.float().to(mm.intermediate_device())}, frames_to_image(frames))
 
@@ -74,12 +76,15 @@ class DiTFlowExtractAMF:
 
     def extract(self, model, reference, block, temperature, loss="amf"):
         from ditflow.layout import from_comfy_latent
-        from ditflow.reference import extract_reference
+        from ditflow.memory import reference_workspace, text_workspace
+        from ditflow.reference import extract_reference, latent_grid
         from ditflow.text import encode_prompt
 
-        empty = encode_prompt(model.use("text_encoder"), "").cond  # then T5 may leave the GPU for the transformer
-        bundle = model.use("transformer")
-        latents = from_comfy_latent(reference["samples"], bundle.vae_scaling_factor)
+        # T5 for the empty prompt, then the transformer alone: ComfyUI may evict T5 to make room for it
+        empty = encode_prompt(model.use("text_encoder", memory_required=text_workspace(model.bundle)), "").cond
+        latents = from_comfy_latent(reference["samples"], model.bundle.vae_scaling_factor)
+        workspace = reference_workspace(model.bundle, latent_grid(model.bundle, latents))
+        bundle = model.use("transformer", memory_required=workspace)
         return (extract_reference(bundle, latents, [block], temperature=temperature, loss=loss, empty_prompt=empty),)
 
 

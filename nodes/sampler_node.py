@@ -74,6 +74,10 @@ class DiTFlowGuidedSampler:
                 "loss": (["amf", "moft", "smm"], {"default": "amf", "tooltip": "What guidance matches at the "
                          "guidance block: amf = Attention Motion Flow (DiTFlow); moft / smm = the paper's MOFT and "
                          "SMM baselines on the block's output features. Extract the reference with the same loss."}),
+                "gradient_checkpointing": (["auto", "on", "off"], {"default": "auto", "tooltip": "Recompute block "
+                                           "activations in the backward of the guided passes: on saves memory (5b, "
+                                           "49 frames: ≈ 17.5 instead of 58 GB), off is ≈ 12 % faster; auto: off "
+                                           "when ComfyUI can free enough GPU memory for it."}),
             },
             "optional": {
                 "amf": ("DITFLOW_AMF", {"tooltip": "Reference motion from DiTFlow Extract AMF: needed by modes "
@@ -84,10 +88,14 @@ class DiTFlowGuidedSampler:
         }
 
     def sample(self, model, conditioning, mode, steps, cfg, seed, guidance_fraction, opt_steps, lr_start, lr_end,
-               kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None, loss="amf"):
+               kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None, loss="amf",
+               gradient_checkpointing="auto"):
+        import dataclasses
+
         import comfy.model_management as mm
         from ditflow import GuidanceConfig
         from ditflow.layout import to_comfy_latent
+        from ditflow.memory import plan_sampling
         from ditflow.sampler import sample
 
         if embeds is not None:
@@ -98,7 +106,13 @@ class DiTFlowGuidedSampler:
             temperature=amf.temperature if amf is not None and amf.amf else 2.0,
         )
         size = None if (amf is not None or embeds is not None) else (num_frames, height, width)
-        bundle = model.use("transformer")
+        free, on_cpu = model.available_memory("transformer")
+        plan = plan_sampling(model.bundle, config, free, gradient_checkpointing=gradient_checkpointing, on_cpu=on_cpu,
+                             reference=amf, embeds=embeds, size=size)
+        print(f"[DiTFlow] gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} "
+              f"({plan.checkpointing_reason})", flush=True)
+        bundle = model.use("transformer", memory_required=plan.workspace_bytes)
+        config = dataclasses.replace(config, gradient_checkpointing=plan.gradient_checkpointing)
         result = sample(bundle, conditioning, config, size=size, seed=seed, reference=amf, embeds=embeds,
                         callback=_progress(steps))
         latent = {"samples": to_comfy_latent(result.latents, bundle.vae_scaling_factor).to(mm.intermediate_device())}

@@ -3,7 +3,8 @@
 
 :func:`install` puts ``folder_paths``, ``comfy``, ``comfy.model_management``, ``comfy.model_patcher`` and
 ``comfy.utils`` into ``sys.modules`` (a fixture removes them again). The stubs record what the nodes ask of them:
-``load_models_gpu`` calls, the devices each ``ModelPatcher`` was given and progress updates. Setting
+``load_models_gpu`` calls (``loaded``) with the working memory each declared (``memory_required``), the devices each
+``ModelPatcher`` was given and progress updates; ``get_free_memory`` reports ``model_management.FREE``. Setting
 ``model_management.INTERRUPT = True`` makes the next ``throw_exception_if_processing_interrupted()`` raise, as a
 cancel from the UI does.
 
@@ -87,12 +88,20 @@ def _model_management() -> types.ModuleType:
     cpu = torch.device("cpu")
     mm.INTERRUPT = False
     mm.loaded = []  # one list of patchers per load_models_gpu call
+    mm.memory_required = []  # the working memory each load_models_gpu call declared
     mm.InterruptProcessingException = InterruptProcessingException
     for name in ("get_torch_device", "unet_offload_device", "text_encoder_device", "text_encoder_offload_device",
                  "vae_device", "vae_offload_device", "intermediate_device"):
         setattr(mm, name, lambda: cpu)
 
     mm.current_loaded_models = []  # patchers on the "GPU", most recent first
+    mm.FREE = 64 * 10**9  # what get_free_memory reports, bytes
+
+    def get_free_memory(dev=None, torch_free_too=False):
+        return mm.FREE
+
+    def loaded_models(only_currently_used=False):
+        return list(mm.current_loaded_models)
 
     def move(patcher):
         patcher.model._apply(lambda t: t.clone())  # what .to(other device) does: new tensors, caller's mode
@@ -100,6 +109,7 @@ def _model_management() -> types.ModuleType:
     def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
                         force_full_load=False):
         mm.loaded.append((list(models), force_full_load))
+        mm.memory_required.append(memory_required)
         for patcher in models:
             if patcher not in mm.current_loaded_models:
                 move(patcher)
@@ -123,6 +133,8 @@ def _model_management() -> types.ModuleType:
 
     mm.move = move  # for tests: a move made behind ComfyUI's back (another pack calling .to by hand)
     mm.load_models_gpu = load_models_gpu
+    mm.get_free_memory = get_free_memory
+    mm.loaded_models = loaded_models
     mm.free_memory = free_memory
     mm.unload_all_models = unload_all_models
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
@@ -135,6 +147,12 @@ def _model_patcher() -> types.ModuleType:
     class ModelPatcher:
         def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
             self.model, self.load_device, self.offload_device = model, load_device, offload_device
+
+        def loaded_size(self):  # the stub's "GPU" holds a loaded model whole
+            mm = sys.modules["comfy.model_management"]
+            if self not in mm.current_loaded_models:
+                return 0
+            return sum(t.numel() * t.element_size() for t in (*self.model.parameters(), *self.model.buffers()))
 
     mp.ModelPatcher = ModelPatcher
     return mp

@@ -49,6 +49,7 @@ def test_guidance_overhead_prints_phases_ratios_and_counted_block_forwards():
                "--checkpointing", "both")
     assert "mode latent; 5 steps, 1 guided × 2 Adam iterations; guidance block 2; KV-injection block 0; " \
            "CFG batched (batch 2)" in out
+    assert "gradient checkpointing auto: off (the guided pass without it" in out  # what the memory policy picks
     runs = ["unguided", "guided, checkpointing on", "guided, checkpointing off"]
     phases = _table(out, "| phase (s) |")
     assert {r[0] for r in phases} >= {"AMF extraction", "sampling (total)", "↳ optimisation", "transformer phases"}

@@ -45,6 +45,10 @@ def _transfer_then_inject(model_path, video, mode, tmp_path, extra=()):
     assert run["guidance"]["mode"] == mode and run["guidance"]["guidance_blocks"] == [1]
     assert len(run["loss_per_step"]) == 2 and all(len(s) == 2 for s in run["loss_per_step"])
     assert run["settings"]["frames_written"] == 9
+    memory = run["memory"]  # on the CPU: nothing to offload, and auto checkpointing is off (the tiny pass fits)
+    assert (memory["offload"], memory["gradient_checkpointing"]) == ("none", False)
+    assert run["guidance"]["gradient_checkpointing"] is False
+    assert memory["peak_gpu_allocated_gb"] == "n/a (ran on the CPU)" and memory["free_gb"] > 0
     with safe_open(str(out / "embeds.safetensors"), framework="pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["mode"] == mode and json.loads(meta["latent_grid"]) == [3, 4, 6]
@@ -123,6 +127,20 @@ def test_embeddings_of_another_family_are_refused(tiny_2b_path, tiny_5b_path, re
     assert "model family 5b" in err and "2b" in err
 
 
+def test_memory_choices_are_printed_followed_and_recorded(tiny_5b_path, real_clip_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", str(tiny_5b_path), "--video", str(real_clip_path), "--prompt", "x",
+                 "--out", str(out), *TINY, "--steps", "2", "--offload", "sequential",
+                 "--gradient-checkpointing", "on"]) == 0
+    err = capsys.readouterr().err
+    assert "offload: none (the compute device is the CPU: there is nothing to offload to)" in err
+    assert "gradient checkpointing: on (as asked)" in err
+    assert err.strip().splitlines()[-2:] == ["peak GPU memory: n/a (ran on the CPU)", f"wrote {out}"]
+    run = json.loads((out / "run.json").read_text())
+    assert run["guidance"]["gradient_checkpointing"] is True
+    assert run["memory"]["checkpointing_reason"] == "as asked" and run["memory"]["estimated_peak_gb"] >= 0
+
+
 def test_help_documents_every_option():
     for cmd in ("transfer", "inject"):
         text = subprocess.run([sys.executable, "-m", "ditflow", cmd, "--help"], capture_output=True, text=True,
@@ -131,5 +149,6 @@ def test_help_documents_every_option():
             assert option in text
     text = subprocess.run([sys.executable, "-m", "ditflow", "transfer", "--help"], capture_output=True, text=True,
                           check=True).stdout
-    for option in ("--mode", "--guidance-blocks", "--temperature", "--kv-injection", "--lr-end", "--stride"):
+    for option in ("--mode", "--guidance-blocks", "--temperature", "--kv-injection", "--lr-end", "--stride",
+                   "--offload", "--gradient-checkpointing"):
         assert option in text

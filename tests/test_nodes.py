@@ -343,6 +343,63 @@ def test_weights_moved_behind_comfyuis_back_are_repaired_by_the_sampler(N, comfy
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Memory: working memory declared to ComfyUI, checkpointing from its free memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_nodes_declare_working_memory_and_the_sampler_checkpoints_only_when_comfyui_lacks_memory(
+    N, comfy, chain_5b, reference_image, monkeypatch, capsys
+):
+    import ditflow.sampler
+    from ditflow import GuidanceConfig
+    from ditflow.memory import MARGIN, RESERVE, module_bytes, transformer_workspaces
+    from nodes.model import DiTFlowModel
+
+    mm = comfy["comfy.model_management"]
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda"))  # load devices only: nothing moves
+    model = DiTFlowModel(chain_5b["model"].bundle)  # the same networks, ModelPatchers whose load device is a GPU
+    bundle = model.bundle
+    seen = []  # the checkpointing each sample() call was given
+    original = ditflow.sampler.sample
+
+    def spy(*args, **kwargs):
+        seen.append(args[2].gradient_checkpointing)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ditflow.sampler, "sample", spy)
+
+    # Encode, decode and extract declare their workspaces; T5 then counts as memory ComfyUI can evict.
+    with torch.inference_mode():
+        mm.unload_all_models()
+    mm.memory_required.clear()
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="")[0]
+    run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+        num_frames=FRAMES, start=0, stride=1, resize="crop")
+    assert len(mm.memory_required) == 2 and all(m > 0 for m in mm.memory_required)
+    free, on_cpu = model.available_memory("transformer")
+    # T5 sits on the transformer's GPU and counts; the VAE's load device (vae_device) is still the CPU here
+    assert (free, on_cpu) == (mm.FREE + module_bytes(bundle.text_encoder), False)
+
+    weights = module_bytes(bundle.transformer)
+    config = GuidanceConfig(mode="rope", guidance_blocks=(1,)).resolved("5b", bundle.num_blocks)
+    sampling, checkpointed, full = transformer_workspaces(bundle, (3, 4, 6), config)
+    tight = int((weights + full) * MARGIN + RESERVE)  # the pass without checkpointing just does not fit
+    for free, expected in ((tight - 1, True), (tight + 1, False)):
+        with torch.inference_mode():
+            mm.unload_all_models()  # nothing held: ComfyUI can give exactly FREE
+        mm.FREE = free
+        mm.memory_required.clear()
+        run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="rope", amf=chain_5b["amf"], **FAST)
+        assert seen[-1] is expected
+        assert mm.memory_required == [max(sampling, checkpointed if expected else full)]
+        assert f"gradient checkpointing {'on' if expected else 'off'} (" in capsys.readouterr().out
+    run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="rope", amf=chain_5b["amf"],
+        **FAST, gradient_checkpointing="on")
+    assert seen[-1] is True and "gradient checkpointing on (as asked)" in capsys.readouterr().out
+    mm.FREE = 64 * 10**9
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Errors and cancel
 # ---------------------------------------------------------------------------------------------------------------
 
