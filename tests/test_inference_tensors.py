@@ -21,8 +21,8 @@ from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
 
-# 4 steps, the first 2 guided, 3 Adam iterations each; a large lr so the tiny random model's loss moves visibly.
-FAST = dict(num_inference_steps=4, guidance_fraction=0.5, opt_steps=3, lr_start=0.05, lr_end=0.02)
+# 2 steps, the first guided with 3 Adam iterations; a large lr so the tiny random model's loss moves visibly.
+FAST = dict(num_inference_steps=2, guidance_fraction=0.5, opt_steps=3, lr_start=0.05, lr_end=0.02)
 
 
 def moved_under_inference_mode(module: torch.nn.Module) -> torch.nn.Module:
