@@ -45,7 +45,6 @@ from .jobs import (
     ModelOptions,
     ReferenceOptions,
     generate,
-    load_for_run,
     memory_record,
     read_reference,
     reference_motion,
@@ -256,10 +255,11 @@ class Worker:
     def _load(self, ref_frames: Tensor):
         """The model, loaded on first use with a memory plan for this item's size and the DiTFlow method."""
         if self._cog is None:
+            from . import jobs  # looked up at call time, so tests can stand in for the loader
             from .layout import token_grid
 
             grid = token_grid(ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
-            self._cog, self._plan = load_for_run(self.options.model, grid, self.options.config("ditflow"))
+            self._cog, self._plan = jobs.load_for_run(self.options.model, grid, self.options.config("ditflow"))
         return self._cog
 
     def _clip_or_reason(self):

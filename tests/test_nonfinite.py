@@ -81,7 +81,7 @@ def test_nan_and_absurd_numbers_are_refused_before_the_model_loads(
 ):
     import ditflow.jobs
 
-    monkeypatch.setattr(ditflow.jobs, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
     base = {"transfer": ["--video", str(clip), "--prompt", "x", *TINY],
             "inject": ["--embeds", str(tmp_path / "e.safetensors"), "--prompt", "x", "--dtype", "fp32"],
