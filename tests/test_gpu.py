@@ -13,6 +13,8 @@ Sizes: 9 frames → 3 latent frames; 64×96 px → latent 8×12 → 4×6 patches
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import sys
 from pathlib import Path
@@ -167,3 +169,62 @@ def test_node_chain_runs_through_real_comfyui_and_again_after_eviction(real_comf
             mm.unload_all_models()  # as the executor's OOM handler or --disable-smart-memory does between prompts
         assert not mm.loaded_models()
     assert all(o.shape == (1, 16, 3, 8, 12) for o in outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Full size: a 5b guided pass at 49 frames 480×720 on a 24 GB budget
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _random_model(size: str, device: torch.device):
+    """A random-init CogVideoX of ``size`` from the real configs in benchmarks/guidance_overhead.py (bf16, no VAE;
+    T5 replaced by a random embedding table of its width)."""
+    import importlib.util
+
+    name = "ditflow_benchmark_guidance_overhead"
+    bench = sys.modules.get(name)
+    if bench is None:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / "guidance_overhead.py")
+        bench = sys.modules[name] = importlib.util.module_from_spec(spec)  # its dataclasses look themselves up
+        spec.loader.exec_module(bench)
+    return bench.build_model(size, str(device), torch.bfloat16, "none")
+
+
+def _guided_peak(model, grid, budget: int, block: int = 20) -> tuple[float, object, list]:
+    """Peak allocated bytes of extract → guided sample (rope, 1 guided step × 2 iterations) with the checkpointing
+    :func:`plan_sampling` picks for ``budget``; allocations beyond ``budget`` fail (per-process memory cap)."""
+    from ditflow.memory import module_bytes, plan_sampling
+
+    device = model.transformer.device
+    frames, h, w = grid
+    latents = torch.randn(1, frames, 16, 2 * h, 2 * w, generator=torch.Generator().manual_seed(0))
+    config = GuidanceConfig(mode="rope", num_inference_steps=2, guidance_fraction=0.5, opt_steps=2)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget / total), device)
+    try:
+        torch.cuda.reset_peak_memory_stats(device)
+        with torch.inference_mode():
+            prompt = encode_prompt(model, "a leopard running up a snowy hill")
+            reference = extract_reference(model, latents, [block], empty_prompt=encode_prompt(model, "").cond)
+            # what a memory manager could give the transformer: the budget less everything else allocated
+            free = budget - torch.cuda.memory_allocated(device) + module_bytes(model.transformer)
+            plan = plan_sampling(model, config, free, reference=reference)
+            result = sample(model, prompt, dataclasses.replace(config, gradient_checkpointing=plan.gradient_checkpointing),
+                            reference=reference, seed=0)
+        return torch.cuda.max_memory_allocated(device), plan, result.losses
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)
+
+
+def test_full_size_5b_guided_pass_fits_24_gb(gpu_device):
+    if gpu_device.type != "cuda":
+        pytest.skip("full size needs CUDA (no dry run on the CPU)")
+    budget = int(24e9)
+    if torch.cuda.mem_get_info(gpu_device)[0] < budget:
+        pytest.skip("needs 24 GB of free GPU memory")
+    model = _random_model("5b", gpu_device)
+    peak, plan, losses = _guided_peak(model, (13, 30, 45), budget)  # 49 frames, 480×720
+    print(f"5b guided pass, 49 frames 480×720: peak allocated {peak / 1e9:.2f} GB; {plan.checkpointing_reason}")
+    assert plan.gradient_checkpointing  # 58 GB without it
+    assert peak <= budget
+    assert len(losses) == 1 and all(math.isfinite(x) for x in losses[0])
