@@ -107,7 +107,7 @@ def test_manifests_with_wrong_types_are_refused_in_one_sentence(
 ):
     import ditflow.jobs
 
-    monkeypatch.setattr(ditflow.jobs, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
     bad = manifest.parent / "bad.json"
     bad.write_text(json.dumps({"videos": [{**_GOOD, **entry}]}))
     assert main(_cli_args(tiny_5b_path, bad, tmp_path / "out", "backbone")) == 2
