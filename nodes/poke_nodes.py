@@ -7,7 +7,13 @@ are ``DITFLOW_FLOW``, a float32 tensor ``[B, H, W, 2]`` of (dx, dy) in pixels pe
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from ditflow import DiTFlowError
+from ditflow.fpt.fields import MODES, PRECISIONS
+from ditflow.fpt.view import FITS
 
 from . import paths
 from .model import _Carrier
@@ -80,9 +86,17 @@ class DiTFlowLoadFPT:
         return {"required": {
             "weights": (paths.fpt_files(), {"tooltip": "A .safetensors in models/fpt made by 'python -m ditflow "
                         "fpt-convert flow_poke_open_set_base.pt models/fpt/fpt_base.safetensors'."}),
-            "precision": (["fp32", "bf16"], {"default": "fp32", "tooltip": "fp32, or bfloat16 autocast on the GPU "
+            "precision": (list(PRECISIONS), {"default": "fp32", "tooltip": "fp32, or bfloat16 autocast on the GPU "
                           "as the authors' demo runs it (faster; the mixture head stays fp64)."}),
         }}
+
+    @classmethod
+    def IS_CHANGED(cls, weights, precision):
+        """The file's mtime: converting again into the same name reloads it."""
+        try:
+            return os.path.getmtime(paths.fpt_path(weights))
+        except (DiTFlowError, OSError):
+            return ""
 
     def load(self, weights, precision):
         import comfy.model_management as mm
@@ -107,7 +121,7 @@ class DiTFlowFPTEmbedImage:
         return {"required": {
             "fpt": ("FPT_MODEL", {"tooltip": MODEL_TOOLTIP}),
             "image": ("IMAGE", {"tooltip": "The image to poke (a batch is encoded image by image, same pokes)."}),
-            "fit": (["pad", "crop"], {"default": "pad", "tooltip": "How a non-square image meets the model's square: "
+            "fit": (list(FITS), {"default": "pad", "tooltip": "How a non-square image meets the model's square: "
                     "pad = letterbox with black bars, the whole image is seen; crop = the centre square only, as "
                     "the authors' demo (pokes outside it are refused, the flow there is 0)."}),
         }}
@@ -162,7 +176,7 @@ class DiTFlowFPTPredictFlow:
     def INPUT_TYPES(cls):
         return {"required": {
             **_prediction_inputs(),
-            "mode": (["mean", "sample"], {"default": "mean", "tooltip": "mean: each point's expected motion given "
+            "mode": (list(MODES), {"default": "mean", "tooltip": "mean: each point's expected motion given "
                      "the pokes (one parallel pass). sample: one plausible motion: points on an ar_grid grid are "
                      "sampled in sequence, each seeing the ones before, then filled in (the authors' demo)."}),
             "grid": ("INT", {"default": 128, "min": 4, "max": 512, "tooltip": "Query points along the image's longer "

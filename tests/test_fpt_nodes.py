@@ -4,6 +4,8 @@ modules, on the tiny random FPT (``ditflow.testing.tiny_fpt.TINY``) in models/fp
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -49,6 +51,10 @@ def test_the_loader_lists_models_fpt_and_builds_weights_outside_inference_mode(N
     assert N["DiTFlowLoadFPT"].INPUT_TYPES()["required"]["weights"][0] == ["tiny.safetensors"]
     assert not any(p.is_inference() for p in fpt.module.parameters())
     assert fpt.patcher.model.inner is fpt.module
+    loader = N["DiTFlowLoadFPT"]
+    path = comfy["folder_paths"].get_full_path("fpt", "tiny.safetensors")
+    assert loader.IS_CHANGED("tiny.safetensors", "fp32") == os.path.getmtime(path)
+    assert loader.IS_CHANGED("missing.safetensors", "fp32") == ""
     with pytest.raises(DiTFlowError, match="'../tiny.safetensors' were not found"):
         run(N["DiTFlowLoadFPT"], weights="../tiny.safetensors", precision="fp32")
 
