@@ -2,12 +2,16 @@
 """Command line: ``python -m ditflow {transfer,inject,evaluate,bench-eval,poke,fpt-convert} ...``; ``--help`` on each documents every
 option.
 
-Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr.
+Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr. Ctrl-C or
+SIGTERM end with exit status 130 and a line that says what was written.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
 
 from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Loss, Mode
@@ -63,7 +67,10 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
                    help="cosine-ramped CFG (default: on for 5B, off for 2B, as diffusers)")
     g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the reference's "
                    "fps divided by the stride; 8 for inject)")
-    g.add_argument("--out", required=True, help="output folder")
+    g.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
+                   "run succeeds, and a failed or interrupted run leaves it as it was")
+    g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a whole, "
+                   "when this run succeeds; never when --out holds one of the inputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,46 +333,90 @@ def _cfg_kwargs(args) -> dict:
     return dict(guidance_scale=args.cfg, dynamic_cfg=None if args.dynamic_cfg is None else args.dynamic_cfg == "on")
 
 
+def _identity(path) -> tuple[int, int] | None:
+    """(device, inode) of ``path``, ``None`` if absent: a published output set is a new folder, so this changes."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (``kill``) raises KeyboardInterrupt like Ctrl-C, so that cleanup runs; restored afterwards."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(args, before) -> str:
+    """What an interrupted command leaves behind, truthfully."""
+    if args.command == "bench-eval":
+        return (f"interrupted: finished items are kept in {args.out} (results/, videos/); run the same command again "
+                "to resume")
+    if args.command not in ("transfer", "inject"):
+        return "interrupted"
+    if _identity(args.out) != before:
+        return f"interrupted after {args.out} was written in full"
+    return f"interrupted: nothing was written ({args.out} is as it was)"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import jobs
 
+    before = _identity(args.out) if hasattr(args, "out") else None
     try:
-        if args.command in ("poke", "fpt-convert"):
-            _fpt(args)
-            return 0
-        if args.command == "evaluate":
-            _evaluate(args)
-            return 0
-        if args.command == "bench-eval":
-            _bench(args)
-            return 0
-        if args.command == "transfer":
-            config = GuidanceConfig(
-                mode=args.mode, loss=args.loss, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
-                guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps, lr_start=args.lr_start,
-                lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
-                **_cfg_kwargs(args),
-            )
-            reference = jobs.ReferenceOptions(
-                num_frames=args.num_frames, height=args.height, width=args.width, start=args.start,
-                stride=args.stride, resize=args.resize, sample_seed=args.reference_sample_seed,
-            )
-            record = jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
-                                   negative_prompt=args.negative_prompt, reference=reference, config=config,
-                                   seed=args.seed, fps=args.fps, callback=_Progress(), log=_log)
-        else:
-            config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), **_cfg_kwargs(args))
-            record = jobs.inject(_model_options(args), args.embeds, args.prompt, args.out,
-                                 negative_prompt=args.negative_prompt, config=config, seed=args.seed,
-                                 fps=args.fps or 8.0, callback=_Progress(), log=_log)
+        with _sigterm_as_interrupt():
+            record = _run(args, jobs)
     except DiTFlowError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted: nothing was written", file=sys.stderr)
+        print(_interrupted(args, before), file=sys.stderr)
         return 130
-    peak = record["memory"]["peak_gpu_allocated_gb"]
-    _log(f"peak GPU memory: {peak if isinstance(peak, str) else f'{peak:.2f} GB allocated'}")
-    print(f"wrote {args.out}", file=sys.stderr)
+    if args.command in ("transfer", "inject"):
+        peak = record["memory"]["peak_gpu_allocated_gb"]
+        _log(f"peak GPU memory: {peak if isinstance(peak, str) else f'{peak:.2f} GB allocated'}")
+        print(f"wrote {args.out}", file=sys.stderr)
     return 0
+
+
+def _run(args, jobs) -> dict | None:
+    """Runs the command; returns the run record of ``transfer`` / ``inject``."""
+    if args.command in ("poke", "fpt-convert"):
+        _fpt(args)
+    elif args.command == "evaluate":
+        _evaluate(args)
+    elif args.command == "bench-eval":
+        _bench(args)
+    elif args.command == "transfer":
+        config = GuidanceConfig(
+            mode=args.mode, loss=args.loss, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
+            guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps, lr_start=args.lr_start,
+            lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
+            **_cfg_kwargs(args),
+        )
+        reference = jobs.ReferenceOptions(
+            num_frames=args.num_frames, height=args.height, width=args.width, start=args.start,
+            stride=args.stride, resize=args.resize, sample_seed=args.reference_sample_seed,
+        )
+        return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
+                             negative_prompt=args.negative_prompt, reference=reference, config=config, seed=args.seed,
+                             fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
+    else:
+        config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), **_cfg_kwargs(args))
+        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out,
+                           negative_prompt=args.negative_prompt, config=config, seed=args.seed, fps=args.fps,
+                           overwrite=args.overwrite, callback=_Progress(), log=_log)
+    return None

@@ -6,6 +6,9 @@ program's new file gets, ``0o666`` less the process umask (``0644`` under the us
 ``0600`` of :func:`tempfile.mkstemp`: the temporary file is created with ``0o666``, the kernel applies the umask,
 and that mode is set again just before the rename (some writers, safetensors among them, replace the file they
 are given by one of their own with mode ``0600``).
+
+Temporary names carry the writer's process id (``.<name>.<pid>-<random>.part``), so that a later run can tell an
+orphan (its process was killed) from a file another live run is writing: :func:`remove_orphans`.
 """
 
 from __future__ import annotations
@@ -13,16 +16,64 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 
+#: ``.<name>.<pid>-<random>.<part|old>``: a temporary (``part``) or a replaced folder on its way out (``old``).
+_TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>part|old)$")
+
+
+def temp_name(path: Path, kind: str = "part") -> Path:
+    """A fresh ``.<name>.<pid>-<random>.<kind>`` path beside ``path`` (not created)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.{kind}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process: leave its files alone
+    return True
+
+
+def remove_orphans(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Removes the temporaries of dead processes in ``folder`` (of the entry ``name`` only, if given); returns them.
+
+    A replaced folder (``.old``) whose entry no longer exists is put back instead: its run died between the two
+    renames of a publish without ``RENAME_EXCHANGE`` (:func:`ditflow.outputs.publish`), so it is the last complete
+    state.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        m = _TEMP.match(entry.name)
+        if not m or (name is not None and m["name"] != name) or _alive(int(m["pid"])):
+            continue
+        target = folder / m["name"]
+        if m["kind"] == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def _create_temp_beside(path: Path) -> Path:
-    """Creates an empty ``.<name>.<random>.part`` in ``path``'s folder, mode ``0o666`` & ~umask, and returns it."""
+    """Creates an empty :func:`temp_name` file in ``path``'s folder, mode ``0o666`` & ~umask, and returns it."""
     for _ in range(100):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
+        tmp = temp_name(path)
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
@@ -35,7 +86,7 @@ def _create_temp_beside(path: Path) -> Path:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yields a temporary path beside ``path``; it replaces ``path`` when the ``with`` succeeds, else is removed.
 
-    The temporary file lives in the same folder (``.<name>.<random>.part``), so the final ``os.replace`` is atomic.
+    The temporary file lives in the same folder (``.<name>.<pid>-<random>.part``), so the final ``os.replace`` is atomic.
     It already exists, empty; writers may open it by name or replace it. The file at ``path`` gets the normal mode
     (``0o666`` less the umask) whatever the writer did. Missing parent folders are created (``0o777`` less the
     umask).

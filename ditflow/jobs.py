@@ -2,8 +2,10 @@
 """Whole jobs on files: ``transfer`` (reference video → guided generation) and ``inject`` (saved embeddings →
 zero-shot generation). The CLI calls these; the ComfyUI nodes call the same steps one by one.
 
-Outputs are written only once everything succeeded, each file atomically, so a failed or cancelled job leaves no
-half-finished file behind.
+Each job's files are one set (:class:`~ditflow.outputs.OutputSet`): ``out_dir`` is checked before the model
+loads (a folder, empty unless ``overwrite``, holding no input), the files are written into a staging folder beside
+it and published with one rename when everything succeeded. A failed, cancelled or killed job leaves ``out_dir``
+as it was; a finished one leaves exactly its own files there, never a mix with an earlier run's.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ from .errors import DiTFlowError
 from .files import write_json
 from .layout import token_grid, video_frames
 from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
+from .outputs import OutputSet
 from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
 from .sampler import Callback, SampleResult, sample
 from .text import encode_prompt
-from .video import load_video, prepare_reference, write_video
+from .video import FOLDER_FPS, check_fps, load_video, prepare_reference, write_video
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,27 @@ def read_reference(video: str | os.PathLike, reference: ReferenceOptions):
     return ref_frames, src_fps
 
 
+def _write_all(out: OutputSet, folder: Path, writers: dict) -> None:
+    """Runs ``writers`` (file name → function of its path) into the staging ``folder`` of ``out``."""
+    try:
+        for name, write in writers.items():
+            write(folder / name)
+    except OSError as err:
+        raise DiTFlowError(f"could not write the results ({err.strerror or err}); nothing was written to {out.out}: "
+                           "free some space or choose another --out.") from err
+
+
+def _output_fps(fps: float | None, src_fps: float, reference: ReferenceOptions, video) -> float:
+    """``fps``, else the reference's rate over the stride; refused now if unwritable (not after sampling)."""
+    if fps is not None:
+        return fps
+    try:
+        return check_fps(src_fps / reference.stride)
+    except DiTFlowError:
+        raise DiTFlowError(f"{video} reports {src_fps:g} fps, which gives no writable frame rate at stride "
+                           f"{reference.stride}; give the output frame rate (--fps).") from None
+
+
 def transfer(
     model: ModelOptions,
     video: str | os.PathLike,
@@ -190,56 +214,66 @@ def transfer(
     config: GuidanceConfig = GuidanceConfig(),
     seed: int = 0,
     fps: float | None = None,
+    overwrite: bool = False,
     callback: Callback | None = None,
     log=None,
 ) -> dict:
-    """Motion transfer end to end; writes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
-    ``rope``/``posemb``, ``embeds.safetensors`` into ``out_dir``. Returns the run record (``run.json``'s content).
+    """Motion transfer end to end; publishes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
+    ``rope``/``posemb``, ``embeds.safetensors`` as ``out_dir`` (see the module docstring). Returns the run record
+    (``run.json``'s content).
 
     ``log`` (a ``str`` callback) gets the memory plan (:func:`load_for_run`); the record's ``memory`` holds it
     with the peak GPU memory.
 
+    Args:
+        fps: frame rate of the written videos (default: the reference's over ``reference.stride``).
+        overwrite: replace a non-empty ``out_dir`` (at the end, as a whole); without it a non-empty one is refused.
     Raises:
-        DiTFlowError: any bad input (video, sizes, frames, blocks, model), before the model is loaded if possible.
+        DiTFlowError: any bad input (output folder, fps, video, sizes, frames, blocks, model), before the model is
+            loaded where possible; a run that goes non-finite; a failed write (``out_dir`` is then unchanged).
     """
-    timings = {}
-    tic = time.perf_counter()
-    ref_frames, src_fps = read_reference(video, reference)
-    timings["read_video"] = time.perf_counter() - tic
+    check_fps(fps)
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=(video, model.path))
+    with out as folder:
+        timings = {}
+        tic = time.perf_counter()
+        ref_frames, src_fps = read_reference(video, reference)
+        timings["read_video"] = time.perf_counter() - tic
+        out_fps = _output_fps(fps, src_fps, reference, video)
 
-    tic = time.perf_counter()
-    size = tuple(ref_frames.shape[i] for i in (0, 2, 3))  # frames, height, width
-    cog, plan = load_for_run(model, token_grid(*size), config, log=log)
-    timings["load_model"] = time.perf_counter() - tic
-    resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks),
-                                   gradient_checkpointing=plan.gradient_checkpointing)
+        tic = time.perf_counter()
+        size = tuple(ref_frames.shape[i] for i in (0, 2, 3))  # frames, height, width
+        cog, plan = load_for_run(model, token_grid(*size), config, log=log)
+        timings["load_model"] = time.perf_counter() - tic
+        resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks),
+                                       gradient_checkpointing=plan.gradient_checkpointing)
 
-    tic = time.perf_counter()
-    with cog.on_device("vae"):
-        ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
-    timings["encode_reference"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    motion = reference_motion(cog, ref_latents, resolved)
-    timings["extract_amf"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        with cog.on_device("vae"):
+            ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
+        timings["encode_reference"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        motion = reference_motion(cog, ref_latents, resolved)
+        timings["extract_amf"] = time.perf_counter() - tic
 
-    out_frames, result = generate(cog, prompt, resolved, motion, size=size, negative_prompt=negative_prompt,
-                                  seed=seed, callback=callback, timings=timings)
+        out_frames, result = generate(cog, prompt, resolved, motion, size=size, negative_prompt=negative_prompt,
+                                      seed=seed, callback=callback, timings=timings)
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    out_fps = fps or src_fps / reference.stride
-    write_video(out / "result.mp4", out_frames, out_fps)
-    write_video(out / "reference.mp4", ref_frames, out_fps)
-    if result.embeds is not None:
-        result.embeds.reference = Path(video).name
-        save_embeds(out / "embeds.safetensors", result.embeds)
-    settings = {
-        "model": dataclasses.asdict(model), "model_family": cog.family, "video": str(video), "prompt": prompt,
-        "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference), "seed": seed, "fps": out_fps,
-        "frames_written": int(out_frames.shape[0]),
-    }
-    record = _record("transfer", settings, resolved, result, timings, memory_record(plan, model.device))
-    write_json(out / "run.json", record)
+        settings = {
+            "model": dataclasses.asdict(model), "model_family": cog.family, "video": str(video), "prompt": prompt,
+            "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference), "seed": seed,
+            "fps": out_fps, "frames_written": int(out_frames.shape[0]),
+        }
+        record = _record("transfer", settings, resolved, result, timings, memory_record(plan, model.device))
+        writers = {
+            "result.mp4": lambda p: write_video(p, out_frames, out_fps),
+            "reference.mp4": lambda p: write_video(p, ref_frames, out_fps),
+        }
+        if result.embeds is not None:
+            result.embeds.reference = Path(video).name
+            writers["embeds.safetensors"] = lambda p: save_embeds(p, result.embeds)
+        writers["run.json"] = lambda p: write_json(p, record)
+        _write_all(out, folder, writers)
     return record
 
 
@@ -252,38 +286,45 @@ def inject(
     negative_prompt: str = "",
     config: GuidanceConfig = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=()),
     seed: int = 0,
-    fps: float = 8.0,
+    fps: float | None = None,
+    overwrite: bool = False,
     callback: Callback | None = None,
     log=None,
 ) -> dict:
     """Zero-shot generation with saved positional embeddings and a new prompt (no reference, no optimisation).
 
     The number of steps is the embeddings' (they are tied to its timesteps); ``config`` supplies CFG settings.
+    Publishes ``result.mp4`` and ``run.json`` as ``out_dir`` (see the module docstring); returns the run record.
 
-    Writes ``result.mp4`` and ``run.json`` into ``out_dir``; returns the run record.
+    Args:
+        fps: frame rate of the written video (default :data:`~ditflow.video.FOLDER_FPS`, CogVideoX's 8).
+        overwrite, log: as for :func:`transfer`.
+    Raises:
+        DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model.
     """
-    timings = {}
-    embeds = load_embeds(embeds_path)
-    # Injection replays the saved steps, so the schedule is the embeddings' own.
-    config = dataclasses.replace(
-        config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
-    )
-    tic = time.perf_counter()
-    cog, plan = load_for_run(model, tuple(embeds.grid), config, log=log)
-    timings["load_model"] = time.perf_counter() - tic
-    frames, result = generate(cog, prompt, config, None, negative_prompt=negative_prompt, seed=seed,
-                              callback=callback, timings=timings, embeds=embeds)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_video(out / "result.mp4", frames, fps)
-    settings = {
-        "model": dataclasses.asdict(model), "model_family": cog.family, "embeds": str(embeds_path),
-        "embeds_prompt": embeds.prompt, "embeds_reference": embeds.reference, "prompt": prompt,
-        "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
-        "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
-    }
-    record = _record("inject", settings, config, result, timings, memory_record(plan, model.device))
-    write_json(out / "run.json", record)
+    fps = FOLDER_FPS if check_fps(fps) is None else fps
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=(embeds_path, model.path))
+    with out as folder:
+        timings = {}
+        embeds = load_embeds(embeds_path)
+        # Injection replays the saved steps, so the schedule is the embeddings' own.
+        config = dataclasses.replace(
+            config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
+        )
+        tic = time.perf_counter()
+        cog, plan = load_for_run(model, tuple(embeds.grid), config, log=log)
+        timings["load_model"] = time.perf_counter() - tic
+        frames, result = generate(cog, prompt, config, None, negative_prompt=negative_prompt, seed=seed,
+                                  callback=callback, timings=timings, embeds=embeds)
+        settings = {
+            "model": dataclasses.asdict(model), "model_family": cog.family, "embeds": str(embeds_path),
+            "embeds_prompt": embeds.prompt, "embeds_reference": embeds.reference, "prompt": prompt,
+            "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
+            "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
+        }
+        record = _record("inject", settings, config, result, timings, memory_record(plan, model.device))
+        _write_all(out, folder, {"result.mp4": lambda p: write_video(p, frames, fps),
+                                 "run.json": lambda p: write_json(p, record)})
     return record
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import check_number
 from .errors import DiTFlowError
 from .files import atomic_path
 from .layout import TEMPORAL_COMPRESSION, check_frame_count, check_size
@@ -30,6 +31,8 @@ RESIZE_MODES = ("crop", "stretch", "pad")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 #: Frame rate given to a folder of frames, which carries none (CogVideoX's native rate).
 FOLDER_FPS = 8.0
+#: Highest frame rate accepted for written videos (players and h264 levels stop well before).
+MAX_FPS = 1000.0
 #: Encoders tried by :func:`write_video`, best first; the PyPI ``av`` wheels ship libx264.
 _ENCODERS = ("libx264", "h264", "mpeg4")
 
@@ -208,6 +211,18 @@ def prepare_reference(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_fps(fps: float | None) -> float | None:
+    """``None`` (the caller's default), or ``fps`` as a float if it is finite and in (0, :data:`MAX_FPS`].
+
+    Raises:
+        DiTFlowError: for 0, a negative number, NaN, ±Inf or more than :data:`MAX_FPS` (no silent default).
+    """
+    if fps is None:
+        return None
+    return check_number("fps", fps, 0.0, MAX_FPS, "CogVideoX renders 8; the reference's own rate is the default",
+                        low_open=True)
+
+
 def _encoder() -> str:
     for name in _ENCODERS:
         try:
@@ -234,7 +249,8 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
     Returns:
         the path written. The encoder is libx264 at CRF 18 (near-transparent), else h264 or mpeg4.
     Raises:
-        DiTFlowError: on a bad shape, odd size, fps ≤ 0 or an encoding failure; no partial file is left behind.
+        DiTFlowError: on a bad shape, odd size, fps (see :func:`check_fps`) or an encoding failure; no partial file
+            is left behind.
     """
     path = Path(path).expanduser()
     if frames.ndim != 4 or frames.shape[1] != 3 or frames.shape[0] < 1:
@@ -242,8 +258,7 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
     height, width = frames.shape[-2:]
     if height % 2 or width % 2:
         raise DiTFlowError(f"cannot write {width}×{height} px as yuv420p h264, which needs even sizes; crop or resize.")
-    if not fps > 0:
-        raise DiTFlowError(f"fps must be positive, got {fps}.")
+    check_fps(fps)
     codec = _encoder()
     try:
         with atomic_path(path) as tmp, av.open(str(tmp), "w", format="mp4") as container:
@@ -263,4 +278,5 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
     return path
 
 
-__all__ = ["FOLDER_FPS", "IMAGE_SUFFIXES", "RESIZE_MODES", "load_video", "prepare_reference", "write_video"]
+__all__ = ["FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "load_video", "prepare_reference",
+           "write_video"]
