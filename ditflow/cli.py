@@ -140,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench-eval", help="run the paper's evaluation (methods × videos × prompts) into one table",
                        description="For every video and prompt (caption/subject/scene) of --manifest and every "
                        "method, generates a video and measures MF and IQ; writes DIR/videos/*.mp4, "
-                       "DIR/results/*.json, DIR/table.csv and DIR/table.md. Finished items are skipped on a re-run. "
+                       "DIR/results/*.json, DIR/table.csv and DIR/table.md (which name the model, steps and seed). An item "
+                       "finished with the same settings (model, frames, size, prompt, seed, guidance, metrics) is skipped "
+                       "on a re-run; one with a damaged record is redone; results of other settings are kept. "
                        "Methods: ditflow (latent, AMF), smm and moft (latent, that loss), injection ('injection "
                        "only': mode none with KV injection) and backbone (mode none, no KV injection).")
     _add_model_args(b)

@@ -14,9 +14,13 @@ Frames: the paper uses 24 frames per clip; CogVideoX needs 4k+1, so the runner k
 the range, the largest such count that fits (24 → 21, capped by ``max_frames``). MF is measured between those
 reference frames (at the generation size) and the generated video; IQ between the generated frames and the prompt.
 
-Outputs in ``out``: ``videos/<video>_<method>_<kind>.mp4``, ``results/<video>_<method>_<kind>.json`` (one record per
-item, written last and atomically: an item is finished when both exist and is then skipped on a re-run),
-``table.csv`` and ``table.md``. Work runs sequentially in this process, or over a Ray cluster (``ray_address``;
+Outputs in ``out``: ``videos/<video>_<method>_<kind>.<id>.mp4``, ``results/<video>_<method>_<kind>.<id>.json`` (one
+record per item, written last and atomically) and ``table.csv`` / ``table.md``. ``<id>`` is a hash of everything that
+makes the item's result (:meth:`BenchOptions.settings`: model, dtype, clip, frames, size, prompt, seed, method and
+guidance settings, metric settings), which the record also holds: a re-run skips an item only when a record of the
+same settings reads back whole and its video is there, and redoes a zero-byte or cut-short record. Results of other
+settings stay on disk untouched; the table is built from this run's settings only and names the model, steps and
+seed. Work runs sequentially in this process, or over a Ray cluster (``ray_address``;
 ``ray`` is optional and imported only then): each Ray worker loads the model once and returns frames and record,
 and the driver writes every file, so workers need the model path but no shared output folder.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -33,6 +38,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -40,7 +46,7 @@ from torch import Tensor
 
 from .config import GuidanceConfig
 from .errors import DiTFlowError
-from .files import write_json, write_text
+from .files import remove_orphans, write_json, write_text
 from .jobs import (
     ModelOptions,
     ReferenceOptions,
@@ -203,6 +209,25 @@ class BenchOptions:
     def config(self, method: str) -> GuidanceConfig:
         return dataclasses.replace(self.guidance, **METHODS[method])
 
+    def settings(self, item: Item) -> dict:
+        """Everything that makes ``item``'s video and scores, as plain JSON values: the key a finished item is
+        found by on a re-run. The device and the memory savers (offload, VAE slicing) are left out: they change how,
+        not what, is computed."""
+        model = self.model
+        local = Path(model.path).expanduser()
+        settings = {
+            "model": str(local.resolve()) if local.exists() else str(model.path), "dtype": model.dtype,
+            "vae_tiling": model.vae_tiling, "video": str(item.video.path), "frames": list(item.video.frames),
+            "num_frames": clip_frame_count(item.video.frames, self.max_frames), "size": [self.height, self.width],
+            "method": item.method, "prompt_kind": item.kind, "prompt": item.prompt,
+            "negative_prompt": self.negative_prompt, "seed": self.seed,
+            "guidance": {k: (v.value if isinstance(v, Enum) else v)
+                         for k, v in dataclasses.asdict(self.config(item.method)).items()},
+            "metrics": {"grid_size": self.grid_size, "tracker": self.tracker,
+                        "cotracker_checkpoint": self.cotracker_checkpoint, "clip_model": self.clip_model},
+        }
+        return json.loads(json.dumps(settings))  # as a record reads back: tuples are lists
+
 
 @dataclass(frozen=True)
 class Item:
@@ -226,14 +251,35 @@ def items_of(videos: list[ManifestVideo], methods) -> list[Item]:
     return [Item(v, m, k) for v in videos for m in methods for k in PROMPT_KINDS if k in v.prompts]
 
 
-def _paths(out: Path, item: Item) -> tuple[Path, Path]:
-    return out / "videos" / f"{item.key}.mp4", out / "results" / f"{item.key}.json"
+def settings_id(settings: dict) -> str:
+    """12 hex digits of the SHA-256 of ``settings`` (canonical JSON): the ``<id>`` in an item's file names."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def is_done(out: Path, item: Item) -> bool:
-    """An item is finished when its video and its result record both exist (the record is written last)."""
-    video, record = _paths(out, item)
-    return video.is_file() and record.is_file()
+def _paths(out: Path, item: Item, settings: dict) -> tuple[Path, Path]:
+    stem = f"{item.key}.{settings_id(settings)}"
+    return out / "videos" / f"{stem}.mp4", out / "results" / f"{stem}.json"
+
+
+def finished_record(out: Path, item: Item, settings: dict) -> tuple[dict | None, str]:
+    """The record of ``item`` finished under ``settings``, or ``None`` and why it must be (re)done.
+
+    Finished means: the record (written last) reads back as a whole JSON object made with the same settings, and
+    the video beside it is a non-empty file. A zero-byte or cut-short record (a crash or a full disk while it was
+    written by an older version, or damage since) is redone, not an error.
+    """
+    video, path = _paths(out, item, settings)
+    if not path.exists():
+        return None, "not run yet with these settings"
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None, f"its result record {path.name} is unreadable (empty or cut short)"
+    if not isinstance(record, dict) or record.get("settings") != settings:
+        return None, f"its result record {path.name} was made with other settings"
+    if not video.is_file() or video.stat().st_size == 0:
+        return None, f"its video {video.name} is missing"
+    return record, "finished"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -338,11 +384,29 @@ class BenchReport:
     table_md: Path | None = None
 
 
-def _finish(out: Path, item: Item, frames: Tensor, record: dict, fps: float) -> None:
-    video, path = _paths(out, item)
+def _finish(out: Path, item: Item, settings: dict, frames: Tensor, record: dict, fps: float) -> dict:
+    video, path = _paths(out, item, settings)
+    record = {**record, "settings": settings, "settings_id": settings_id(settings)}
     write_video(video, frames, fps)  # atomic
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, record)  # atomic, and last: its presence marks the item done
+    return record
+
+
+def _check_out(out: Path) -> None:
+    """``out`` is a folder (created if missing) this process can write to; orphans of killed writes are removed."""
+    if out.exists() and not out.is_dir():
+        raise DiTFlowError(f"--out {out} is a file; give a folder (it is created if missing, and reused to resume).")
+    try:
+        for sub in ("videos", "results"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+            remove_orphans(out / sub)
+        remove_orphans(out)
+        if not os.access(out / "results", os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
+    except OSError as err:
+        raise DiTFlowError(f"cannot write into --out {out} ({err.strerror or err}); choose a folder you can write "
+                           "to.") from None
 
 
 def _reference_frames(videos: list[ManifestVideo], options: BenchOptions) -> dict[str, tuple[Tensor, float]]:
@@ -373,23 +437,33 @@ def run_benchmark(
     Raises:
         DiTFlowError: bad manifest, options or videos (before any model is loaded); ``ray`` missing.
     """
-    out = Path(out)
+    out = Path(out).expanduser()
     log = log or (lambda line: None)
     videos = load_manifest(manifest)
+    _check_out(out)
     refs = _reference_frames(videos, options)  # reads and checks every clip before any model is loaded
     items = items_of(videos, options.methods)
-    todo = [i for i in items if not is_done(out, i)]
-    report = BenchReport(records=[], skipped=[i.key for i in items if i not in todo])
-    for key in report.skipped:
-        log(f"skip {key} (finished)")
+    settings = {i.key: options.settings(i) for i in items}
+    records, todo = {}, []
+    report = BenchReport(records=[])
+    for item in items:
+        record, why = finished_record(out, item, settings[item.key])
+        if record is None:
+            todo.append(item)
+            if why != "not run yet with these settings":
+                log(f"redo {item.key}: {why}")
+        else:
+            records[item.key] = record
+            report.skipped.append(item.key)
+            log(f"skip {item.key} (finished with these settings)")
     if todo:
         run = _run_ray if ray_address is not None else _run_local
         for item, frames, record in run(todo, refs, options, ray_address=ray_address, ray_workers=ray_workers):
-            _finish(out, item, frames, record, refs[item.video.name][1])
+            records[item.key] = _finish(out, item, settings[item.key], frames, record, refs[item.video.name][1])
             report.ran.append(item.key)
             log(f"done {item.key}: MF {record['mf']:.3f} ({record['tracker']})"
                 + ("" if record["iq"] is None else f", IQ {record['iq']:.3f}"))
-    report.records = [json.loads(_paths(out, i)[1].read_text()) for i in items]
+    report.records = [records[i.key] for i in items]
     report.table_csv, report.table_md = write_table(out, report.records, options.methods)
     return report
 
@@ -444,8 +518,19 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def _values(records, read) -> str:
+    """The distinct values ``read`` gives over ``records``, joined by "; " (one value in a table from one run)."""
+    return "; ".join(dict.fromkeys(str(read(r)) for r in records))
+
+
+#: What a table names besides the scores: model, steps and seed (columns of table.csv, a line of table.md).
+_SETTINGS = {"model": lambda r: r["model"], "steps": lambda r: r["guidance"]["num_inference_steps"],
+             "seed": lambda r: r["seed"]}
+
+
 def summarise(records: list[dict], methods) -> list[dict]:
-    """Rows (method, prompt kind incl. ``all``) with the mean MF and IQ over videos and the item count."""
+    """Rows (method, prompt kind incl. ``all``) with the mean MF and IQ over videos, the item count, and the model,
+    steps and seed they were made with."""
     rows = []
     for m in methods:
         mine = [r for r in records if r["method"] == m]
@@ -453,7 +538,8 @@ def summarise(records: list[dict], methods) -> list[dict]:
             sel = [r for r in mine if kind in ("all", r["prompt_kind"])]
             if sel:
                 rows.append({"method": m, "prompt_kind": kind, "n": len(sel), "mf": _mean(r["mf"] for r in sel),
-                             "iq": _mean(r["iq"] for r in sel)})
+                             "iq": _mean(r["iq"] for r in sel),
+                             **{k: _values(sel, read) for k, read in _SETTINGS.items()}})
     return rows
 
 
@@ -465,7 +551,8 @@ def write_table(out: Path, records: list[dict], methods) -> tuple[Path, Path]:
     """Writes ``table.csv`` (one row per method × prompt kind) and ``table.md`` (methods × kinds, MF / IQ)."""
     rows = summarise(records, methods)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["method", "prompt_kind", "n", "mf", "iq"], lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=["method", "prompt_kind", "n", "mf", "iq", *_SETTINGS],
+                            lineterminator="\n")
     writer.writeheader()
     for r in rows:
         writer.writerow({**r, "mf": "" if r["mf"] is None else f"{r['mf']:.4f}",
@@ -481,7 +568,11 @@ def write_table(out: Path, records: list[dict], methods) -> tuple[Path, Path]:
         lines.append(f"| {m} | " + " | ".join("–" if v is None else f"{_fmt(v['mf'])} / {_fmt(v['iq'])}"
                                             for v in vals) + " |")
     videos = sorted({r["video"] for r in records})
-    lines += ["", f"{len(videos)} video(s): {', '.join(videos)}. MF tracker: {', '.join(trackers)}."]
+    lines += ["", f"{len(videos)} video(s): {', '.join(videos)}. MF tracker: {', '.join(trackers)}.",
+              f"Model {_values(records, _SETTINGS['model'])} ({_values(records, lambda r: r['model_family'])}), "
+              f"{_values(records, _SETTINGS['steps'])} steps, seed {_values(records, _SETTINGS['seed'])}, "
+              f"{_values(records, lambda r: '×'.join(map(str, r['size'])))} px, "
+              f"{_values(records, lambda r: r['frames'])} frames."]
     if skipped:
         lines.append(f"IQ skipped: {skipped[0]}")
     csv_path, md_path = out / "table.csv", out / "table.md"
@@ -493,5 +584,6 @@ def write_table(out: Path, records: list[dict], methods) -> tuple[Path, Path]:
 
 __all__ = [
     "METHODS", "PROMPT_KINDS", "BenchOptions", "BenchReport", "Item", "ManifestVideo", "Worker",
-    "clip_frame_count", "items_of", "load_manifest", "run_benchmark", "summarise", "write_table",
+    "clip_frame_count", "finished_record", "items_of", "load_manifest", "run_benchmark", "settings_id", "summarise",
+    "write_table",
 ]

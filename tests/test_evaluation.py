@@ -131,14 +131,17 @@ def test_bench_eval_writes_videos_records_and_table_then_skips_finished_items(
     assert main(_cli_args(tiny_5b_path, manifest, out, "ditflow,backbone")) == 0
     assert len(calls) == 2
     for method in ("ditflow", "backbone"):
-        assert (out / "videos" / f"pan_{method}_caption.mp4").is_file()
-        record = json.loads((out / "results" / f"pan_{method}_caption.json").read_text())
+        sid = _result(out, f"pan_{method}_caption").name.split(".")[1]
+        assert (out / "videos" / f"pan_{method}_caption.{sid}.mp4").is_file()
+        record = json.loads(_result(out, f"pan_{method}_caption").read_text())
         assert record["frames"] == 9 and record["tracker"] == "flow" and math.isfinite(record["mf"])
         assert record["iq"] is None and "does not exist" in record["iq_skipped"]
-    assert json.loads((out / "results" / "pan_ditflow_caption.json").read_text())["guidance"]["loss"] == "amf"
+        assert record["settings_id"] == sid and record["settings"]["method"] == method
+    assert json.loads(_result(out, "pan_ditflow_caption").read_text())["guidance"]["loss"] == "amf"
     rows = list(csv.DictReader((out / "table.csv").open()))
     assert [(r["method"], r["prompt_kind"]) for r in rows] == [
         ("ditflow", "caption"), ("ditflow", "all"), ("backbone", "caption"), ("backbone", "all")]
+    assert {(r["model"], r["steps"], r["seed"]) for r in rows} == {(str(tiny_5b_path), "2", "0")}
     table = (out / "table.md").read_text()
     assert "| ditflow |" in table and "| backbone |" in table and "IQ skipped" in table
     assert table in capsys.readouterr().out
@@ -149,15 +152,78 @@ def test_bench_eval_writes_videos_records_and_table_then_skips_finished_items(
     assert len(calls) == 2
     assert {p: p.stat().st_mtime_ns for p in (out / "videos").iterdir()} == stamps
     # An item without its record (say, killed after writing the video) is run again, alone.
-    (out / "results" / "pan_backbone_caption.json").unlink()
-    options = BenchOptions(model=TINY_MODEL(tiny_5b_path),
-                           methods=("ditflow", "backbone"), height=64, width=96, max_frames=9,
-                           guidance=GuidanceConfig(num_inference_steps=2, guidance_fraction=0.5, opt_steps=2,
-                                                   guidance_blocks=(1,)),
-                           grid_size=11, tracker="flow", clip_model=str(out / "no-clip"))
-    report = run_benchmark(manifest, options, out)
+    _result(out, "pan_backbone_caption").unlink()
+    report = run_benchmark(manifest, _options(tiny_5b_path, out, methods=("ditflow", "backbone")), out)
     assert report.ran == ["pan_backbone_caption"] and report.skipped == ["pan_ditflow_caption"]
     assert len(calls) == 3 and len(report.records) == 2
+
+
+def _result(out: Path, key: str) -> Path:
+    """The one result record of ``key`` in ``out`` (its name carries the settings id)."""
+    (path,) = (out / "results").glob(f"{key}*.json")
+    return path
+
+
+def _options(model, out, *, methods=("backbone",), steps=2, seed=0) -> BenchOptions:
+    """The options ``_cli_args`` gives, with other methods, steps or seed."""
+    return BenchOptions(model=TINY_MODEL(model), methods=methods, height=64, width=96, max_frames=9,
+                        guidance=GuidanceConfig(num_inference_steps=steps, guidance_fraction=0.5, opt_steps=2,
+                                                guidance_blocks=(1,)),
+                        seed=seed, grid_size=11, tracker="flow", clip_model=str(out / "no-clip"))
+
+
+def test_resume_is_keyed_by_the_full_settings_and_the_table_names_them(tiny_5b_path, manifest, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    calls = _count_samples(monkeypatch)
+    first = run_benchmark(manifest, _options(tiny_5b_path, out), out)
+    assert first.ran == ["pan_backbone_caption"] and calls == [0]
+    lines = []
+    again = run_benchmark(manifest, _options(tiny_5b_path, out), out, log=lines.append)
+    assert again.skipped == ["pan_backbone_caption"] and calls == [0]
+
+    # Another seed, then other steps: each runs anew, and each table holds and names only its own settings.
+    other_seed = run_benchmark(manifest, _options(tiny_5b_path, out, seed=1), out)
+    assert other_seed.ran == ["pan_backbone_caption"] and calls == [0, 1]
+    assert "2 steps, seed 1, 64×96 px, 9 frames." in other_seed.table_md.read_text()
+    assert other_seed.records[0]["seed"] == 1 and other_seed.records[0]["settings"]["seed"] == 1
+    other_steps = run_benchmark(manifest, _options(tiny_5b_path, out, steps=3), out)
+    assert other_steps.ran == ["pan_backbone_caption"] and calls == [0, 1, 0]
+    rows = list(csv.DictReader((out / "table.csv").open()))
+    assert {(r["steps"], r["seed"], r["n"]) for r in rows} == {("3", "0", "1")}
+    assert f"Model {tiny_5b_path} (5b), 3 steps, seed 0" in (out / "table.md").read_text()
+    # Earlier results are kept, one record and one video per settings.
+    assert len(list((out / "results").glob("pan_backbone_caption.*.json"))) == 3
+    assert len(list((out / "videos").glob("pan_backbone_caption.*.mp4"))) == 3
+    assert run_benchmark(manifest, _options(tiny_5b_path, out, seed=1), out).skipped == ["pan_backbone_caption"]
+    assert lines == ["skip pan_backbone_caption (finished with these settings)"]
+
+
+@pytest.mark.parametrize("damage", ["zero bytes", "cut short"])
+def test_a_zero_byte_or_cut_short_record_is_redone(tiny_5b_path, manifest, tmp_path, monkeypatch, damage):
+    out = tmp_path / "out"
+    calls = _count_samples(monkeypatch)
+    run_benchmark(manifest, _options(tiny_5b_path, out), out)
+    record = _result(out, "pan_backbone_caption")
+    text = record.read_text()
+    record.write_text("" if damage == "zero bytes" else text[: len(text) // 2])
+    lines = []
+    report = run_benchmark(manifest, _options(tiny_5b_path, out), out, log=lines.append)
+    assert report.ran == ["pan_backbone_caption"] and len(calls) == 2
+    assert lines[0] == f"redo pan_backbone_caption: its result record {record.name} is unreadable (empty or cut short)"
+    assert json.loads(record.read_text())["settings_id"] == record.name.split(".")[1]
+
+
+def test_bench_out_that_is_a_file_is_refused_before_the_model_loads(tiny_5b_path, manifest, tmp_path, capsys,
+                                                                    monkeypatch):
+    import ditflow.jobs
+
+    monkeypatch.setattr(ditflow.jobs, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    out = tmp_path / "table.csv"
+    out.write_text("mine")
+    assert main(_cli_args(tiny_5b_path, manifest, out, "backbone")) == 2
+    assert capsys.readouterr().err.strip() == f"error: --out {out} is a file; give a folder (it is created if " \
+        "missing, and reused to resume)."
+    assert out.read_text() == "mine"
 
 
 def test_bench_eval_over_a_local_two_worker_ray(tiny_5b_path, manifest, tmp_path):
