@@ -64,6 +64,18 @@ def real_clip_path() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def pan_clip(tmp_path_factory) -> Path:
+    """A synthetic clip of the tiny models' size: 9 frames of a gradient moving right by 4 px per frame, 64×96 px."""
+    import torch
+
+    from ditflow.video import write_video
+
+    x = torch.linspace(-1, 1, 160)
+    frames = torch.stack([x[4 * t : 4 * t + 96].expand(3, 64, 96) for t in range(9)])
+    return write_video(tmp_path_factory.mktemp("clip") / "pan.mp4", frames, 8.0)
+
+
 # --- Tiny CogVideoX models (ditflow.testing.tiny_model) ------------------------------------------------------------
 # Tests never reach the Hugging Face hub: set before diffusers / transformers / huggingface_hub are imported.
 import os as _os

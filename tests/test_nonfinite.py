@@ -23,18 +23,9 @@ from ditflow.files import write_json
 from ditflow.reference import decode_latents, encode_video, extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
-from ditflow.video import write_video
 
 TINY = ["--num-frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--guidance-fraction", "0.5",
         "--opt-steps", "2", "--guidance-blocks", "1", "--dtype", "fp32", "--device", "cpu", "--no-vae-tiling"]
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """9 frames of a gradient moving right by 4 px per frame, 64×96 px."""
-    x = torch.linspace(-1, 1, 160)
-    frames = torch.stack([x[4 * t : 4 * t + 96].expand(3, 64, 96) for t in range(9)])
-    return write_video(tmp_path_factory.mktemp("clip") / "pan.mp4", frames, 8.0)
 
 
 def _error(capsys, argv, out) -> str:
@@ -77,13 +68,13 @@ def _damaged(src, tmp_path, component: str, edit):
     ("bench-eval", ["--lr-end", "nan"], "lr_end"),
 ])
 def test_nan_and_absurd_numbers_are_refused_before_the_model_loads(
-    tiny_5b_path, clip, tmp_path, capsys, monkeypatch, command, args, message
+    tiny_5b_path, pan_clip, tmp_path, capsys, monkeypatch, command, args, message
 ):
     import ditflow.jobs
 
     monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "out"
-    base = {"transfer": ["--video", str(clip), "--prompt", "x", *TINY],
+    base = {"transfer": ["--video", str(pan_clip), "--prompt", "x", *TINY],
             "inject": ["--embeds", str(tmp_path / "e.safetensors"), "--prompt", "x", "--dtype", "fp32"],
             "bench-eval": ["--manifest", str(tmp_path / "m.json")]}[command]
     err = _error(capsys, [command, "--model", str(tiny_5b_path), "--out", str(out), *base, *args], out)
@@ -145,22 +136,22 @@ def test_a_cfg_scale_that_blows_up_the_latents_stops_after_that_step(tiny_models
     ("transformer_blocks.3.ff.net.2.weight", "latents after denoising step 1 of 4"),  # past the guidance block
 ])
 def test_nan_in_the_transformer_weights_stops_the_transfer_and_writes_nothing(
-    tiny_5b_path, clip, tmp_path, capsys, tensor, where
+    tiny_5b_path, pan_clip, tmp_path, capsys, tensor, where
 ):
     model = _damaged(tiny_5b_path, tmp_path, "transformer", lambda w: w[tensor].view(-1)[0].fill_(math.nan))
     out = tmp_path / "out"
-    err = _error(capsys, ["transfer", "--model", str(model), "--video", str(clip), "--prompt", "x",
+    err = _error(capsys, ["transfer", "--model", str(model), "--video", str(pan_clip), "--prompt", "x",
                           "--out", str(out), *TINY], out)
     assert where in err and "went non-finite" in err and "weights are damaged" in err
 
 
-def test_a_vae_scaling_factor_of_zero_is_refused_and_nothing_is_written(tiny_5b_path, clip, tmp_path, capsys):
+def test_a_vae_scaling_factor_of_zero_is_refused_and_nothing_is_written(tiny_5b_path, pan_clip, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny_5b_path, model)
     config = json.loads((model / "vae" / "config.json").read_text())
     (model / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0}))
     out = tmp_path / "out"
-    err = _error(capsys, ["transfer", "--model", str(model), "--video", str(clip), "--prompt", "x",
+    err = _error(capsys, ["transfer", "--model", str(model), "--video", str(pan_clip), "--prompt", "x",
                           "--out", str(out), *TINY], out)
     assert "scaling_factor" in err and "positive" in err
 

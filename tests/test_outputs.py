@@ -18,25 +18,15 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from ditflow import DiTFlowError
 from ditflow.cli import main
 from ditflow.files import remove_orphans, write_json, write_text
 from ditflow.outputs import OutputSet, check_output_folder
-from ditflow.video import write_video
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--num-frames", "9", "--height", "64", "--width", "96", "--steps", "2", "--guidance-fraction", "0.5",
         "--opt-steps", "1", "--guidance-blocks", "1", "--dtype", "fp32", "--device", "cpu", "--no-vae-tiling"]
-
-
-@pytest.fixture(scope="module")
-def clip(tmp_path_factory):
-    """9 frames of a gradient moving right by 4 px per frame, 64×96 px."""
-    x = torch.linspace(-1, 1, 160)
-    frames = torch.stack([x[4 * t : 4 * t + 96].expand(3, 64, 96) for t in range(9)])
-    return write_video(tmp_path_factory.mktemp("clip") / "pan.mp4", frames, 8.0)
 
 
 @pytest.fixture
@@ -62,8 +52,8 @@ def _old_run(out: Path) -> dict:
     return _snapshot(out)
 
 
-def _transfer(model, clip, out, *extra) -> list[str]:
-    return ["transfer", "--model", str(model), "--video", str(clip), "--prompt", "x", "--out", str(out), *FAST, *extra]
+def _transfer(model, video, out, *extra) -> list[str]:
+    return ["transfer", "--model", str(model), "--video", str(video), "--prompt", "x", "--out", str(out), *FAST, *extra]
 
 
 def _last_line(capsys) -> str:
@@ -75,24 +65,24 @@ def _last_line(capsys) -> str:
 # --- checked before the model loads -----------------------------------------------------------------------------
 
 
-def test_a_non_empty_out_is_refused_unless_overwrite(tiny_5b_path, clip, tmp_path, capsys, no_model):
+def test_a_non_empty_out_is_refused_unless_overwrite(tiny_5b_path, pan_clip, tmp_path, capsys, no_model):
     out = tmp_path / "out"
     before = _old_run(out)
-    assert main(_transfer(tiny_5b_path, clip, out)) == 2
+    assert main(_transfer(tiny_5b_path, pan_clip, out)) == 2
     err = _last_line(capsys)
     assert err.startswith(f"error: --out {out} already holds embeds.safetensors, reference.mp4, result.mp4, run.json")
     assert "--overwrite" in err and _snapshot(out) == before
 
 
 @pytest.mark.parametrize("where", ["video in out", "embeds in out", "model in out", "out in the model"])
-def test_overwrite_never_replaces_a_folder_holding_an_input(tiny_5b_path, clip, tmp_path, capsys, no_model, where):
+def test_overwrite_never_replaces_a_folder_holding_an_input(tiny_5b_path, pan_clip, tmp_path, capsys, no_model, where):
     import shutil
 
     out = tmp_path / "o"
     out.mkdir()
-    model = tiny_5b_path
+    model, video = tiny_5b_path, pan_clip
     if where == "video in out":
-        clip = Path(shutil.copy(clip, out / "reference.mp4"))
+        video = Path(shutil.copy(pan_clip, out / "reference.mp4"))
     if where == "model in out":
         model = Path(shutil.copytree(tiny_5b_path, out / "model"))
     if where == "out in the model":
@@ -105,7 +95,7 @@ def test_overwrite_never_replaces_a_folder_holding_an_input(tiny_5b_path, clip, 
         argv = ["inject", "--model", str(model), "--embeds", str(out / "embeds.safetensors"), "--prompt", "x",
                 "--out", str(out), "--overwrite"]
     else:
-        argv = _transfer(model, clip, out, "--overwrite")
+        argv = _transfer(model, video, out, "--overwrite")
     assert main(argv) == 2
     err = _last_line(capsys)
     assert "overlaps the input" in err and "choose an --out outside it" in err
@@ -113,19 +103,19 @@ def test_overwrite_never_replaces_a_folder_holding_an_input(tiny_5b_path, clip, 
 
 
 @pytest.mark.parametrize("fps", ["0", "-8", "nan", "inf", "1e9"])
-def test_an_unwritable_fps_is_refused(tiny_5b_path, clip, tmp_path, capsys, no_model, fps):
+def test_an_unwritable_fps_is_refused(tiny_5b_path, pan_clip, tmp_path, capsys, no_model, fps):
     out = tmp_path / "out"
-    assert main(_transfer(tiny_5b_path, clip, out, f"--fps={fps}")) == 2
+    assert main(_transfer(tiny_5b_path, pan_clip, out, f"--fps={fps}")) == 2
     assert "fps must be a finite number in (0, 1000]" in _last_line(capsys)
     assert not out.exists()
 
 
-def test_out_that_is_a_file_or_lies_under_a_file_is_refused(tiny_5b_path, clip, tmp_path, capsys, no_model):
+def test_out_that_is_a_file_or_lies_under_a_file_is_refused(tiny_5b_path, pan_clip, tmp_path, capsys, no_model):
     afile = tmp_path / "notes.txt"
     afile.write_text("mine")
-    assert main(_transfer(tiny_5b_path, clip, afile)) == 2
+    assert main(_transfer(tiny_5b_path, pan_clip, afile)) == 2
     assert _last_line(capsys) == f"error: --out {afile} is a file; give a folder (it is created if missing)."
-    assert main(_transfer(tiny_5b_path, clip, afile / "out")) == 2
+    assert main(_transfer(tiny_5b_path, pan_clip, afile / "out")) == 2
     assert "cannot write beside --out" in _last_line(capsys)
     assert afile.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
@@ -133,12 +123,12 @@ def test_out_that_is_a_file_or_lies_under_a_file_is_refused(tiny_5b_path, clip, 
 # --- one set, published at once ---------------------------------------------------------------------------------
 
 
-def test_overwrite_publishes_exactly_the_new_set_with_normal_modes(tiny_5b_path, clip, tmp_path, capsys):
+def test_overwrite_publishes_exactly_the_new_set_with_normal_modes(tiny_5b_path, pan_clip, tmp_path, capsys):
     out = tmp_path / "out"
     _old_run(out)
     old_mask = os.umask(0o022)
     try:
-        assert main(_transfer(tiny_5b_path, clip, out, "--overwrite")) == 0
+        assert main(_transfer(tiny_5b_path, pan_clip, out, "--overwrite")) == 0
     finally:
         os.umask(old_mask)
     assert _last_line(capsys) == f"wrote {out}"
@@ -163,14 +153,14 @@ def _raise_at(monkeypatch, module, name, exc, after: int = 0):
 
 
 def test_ctrl_c_after_the_first_file_leaves_the_old_set_and_says_nothing_was_written(
-    tiny_5b_path, clip, tmp_path, capsys, monkeypatch
+    tiny_5b_path, pan_clip, tmp_path, capsys, monkeypatch
 ):
     import ditflow.jobs
 
     out = tmp_path / "out"
     before = _old_run(out)
     _raise_at(monkeypatch, ditflow.jobs, "write_video", KeyboardInterrupt(), after=1)  # result.mp4 is written
-    assert main(_transfer(tiny_5b_path, clip, out, "--overwrite")) == 130
+    assert main(_transfer(tiny_5b_path, pan_clip, out, "--overwrite")) == 130
     assert _last_line(capsys) == f"interrupted: nothing was written ({out} is as it was)"
     assert _snapshot(out) == before
 
@@ -208,11 +198,11 @@ def test_a_full_disk_while_writing_the_set_leaves_out_as_it_was(tmp_path):
     assert _snapshot(out) == before
 
 
-def test_sigterm_mid_run_leaves_out_as_it_was_and_no_staging_folder(tiny_5b_path, clip, tmp_path):
+def test_sigterm_mid_run_leaves_out_as_it_was_and_no_staging_folder(tiny_5b_path, pan_clip, tmp_path):
     out = tmp_path / "out"
     before = _old_run(out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    args = [a if a != "2" else "50" for a in _transfer(tiny_5b_path, clip, out, "--overwrite")]  # 50 steps: long
+    args = [a if a != "2" else "50" for a in _transfer(tiny_5b_path, pan_clip, out, "--overwrite")]  # 50 steps: long
     proc = subprocess.Popen([sys.executable, "-m", "ditflow", *args], cwd=ROOT, env=env, stderr=subprocess.PIPE,
                             text=True)
     try:
