@@ -50,6 +50,12 @@ class PositionEmbeds:
     prompt: str = ""
     reference: str = ""
 
+    def check_values(self, fix: str = "use embeddings saved by a rope/posemb run that finished normally") -> None:
+        """Raises :class:`DiTFlowError` naming the guided step if a table holds NaN/Inf or has blown up (RoPE and
+        sin-cos tables lie in [-1, 1]; such values make every injection black)."""
+        for i, table in enumerate(self.tables):
+            check_finite(table, f"the positional embeddings of guided step {i + 1}", fix)
+
     def check_compatible(self, model, grid: tuple[int, int, int], num_inference_steps: int) -> None:
         """Raises :class:`DiTFlowError` naming both values if these embeddings cannot drive ``model`` at ``grid``."""
         checks = (
@@ -76,9 +82,7 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
     """
     from safetensors.torch import save_file
 
-    for i, table in enumerate(embeds.tables):
-        check_finite(table, f"the positional embeddings of guided step {i + 1}", "they are not saved: optimise them "
-                     "again with a smaller learning rate")
+    embeds.check_values("they are not saved: optimise them again with a smaller learning rate")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -307,6 +307,7 @@ def inject(
     with out as folder:
         timings = {}
         embeds = load_embeds(embeds_path)
+        embeds.check_values()  # before the model loads (the sampler checks again, for every caller)
         # Injection replays the saved steps, so the schedule is the embeddings' own.
         config = dataclasses.replace(
             config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps

@@ -48,12 +48,15 @@ def check_output_folder(out: str | os.PathLike, *, overwrite: bool = False, inpu
         inputs: paths the job reads (video, frame folder, embeddings, model folder); ``None`` and hub ids that are
             no local path are ignored.
     Raises:
-        DiTFlowError: ``out`` is a file; it holds files and ``overwrite`` is off; replacing it would delete an input
-            (with ``overwrite``, an input inside ``out`` or ``out`` inside an input folder).
+        DiTFlowError: ``out`` is a file or a mount point; it holds files and ``overwrite`` is off; replacing it would
+            delete an input (with ``overwrite``, an input inside ``out`` or ``out`` inside an input folder).
     """
     out = Path(out).expanduser().resolve()
     if out.exists() and not out.is_dir():
         raise DiTFlowError(f"--out {out} is a file; give a folder (it is created if missing).")
+    if os.path.ismount(out):
+        raise DiTFlowError(f"--out {out} is a mount point, which cannot be replaced by a rename; give a folder inside "
+                           "it.")
     remove_orphans(out.parent, out.name)
     if out.is_dir():
         remove_orphans(out)  # .part files of writers killed inside it (older versions wrote file by file)
@@ -108,12 +111,22 @@ def _signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+def _keep(staging: Path, out: Path) -> Path:
+    """Moves a finished set that cannot go to ``out`` to a visible sibling ``<out>.new-<pid>`` (else leaves it)."""
+    kept = out.with_name(f"{out.name}.new-{os.getpid()}")
+    try:
+        os.rename(staging, kept)
+    except OSError:
+        return staging
+    return kept
+
+
 def publish(staging: Path, out: Path, *, overwrite: bool) -> None:
     """Puts the complete folder ``staging`` at ``out`` in one step (see the module docstring).
 
     Raises:
-        DiTFlowError: ``out`` was filled by another run meanwhile and ``overwrite`` is off (the new set is kept
-            beside it under a visible name, given in the message), or the rename failed (``out`` is unchanged).
+        DiTFlowError: ``out`` was filled by another run meanwhile and ``overwrite`` is off, or the rename failed;
+            ``out`` is then unchanged and the new set is kept beside it under a visible name given in the message.
     """
     old = None
     with _signals_held():
@@ -122,10 +135,8 @@ def publish(staging: Path, out: Path, *, overwrite: bool) -> None:
                 os.rename(staging, out)
                 return
             if _entries(out) and not overwrite:
-                kept = out.with_name(f"{out.name}.new-{os.getpid()}")
-                os.rename(staging, kept)
                 raise DiTFlowError(f"another run filled --out {out} while this one worked; this run's results are in "
-                                   f"{kept}.")
+                                   f"{_keep(staging, out)}.")
             if _exchange(staging, out):
                 old = staging  # it now holds the previous contents
             else:
@@ -137,8 +148,8 @@ def publish(staging: Path, out: Path, *, overwrite: bool) -> None:
                     os.rename(old, out)
                     raise
         except OSError as err:
-            raise DiTFlowError(f"could not publish the results to {out} ({err.strerror or err}); it is unchanged."
-                               ) from err
+            raise DiTFlowError(f"could not put the results at {out} ({err.strerror or err}); it is unchanged and this "
+                               f"run's results are in {_keep(staging, out)}.") from err
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -171,11 +182,12 @@ class OutputSet:
         return staging
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None:
-                publish(self.staging, self.out, overwrite=self.overwrite)
-        finally:
-            shutil.rmtree(self.staging, ignore_errors=True)  # gone already when published
+        if exc_type is None:
+            publish(self.staging, self.out, overwrite=self.overwrite)  # on failure it keeps the set, visibly
+        else:
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if self.staging.exists():  # after an exchange it holds the replaced contents
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 __all__ = ["OutputSet", "check_output_folder", "publish"]

@@ -160,9 +160,7 @@ def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
     config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
     if embeds is not None:
         embeds.check_compatible(model, grid, config.num_inference_steps)
-        for i, table in enumerate(embeds.tables):
-            check_finite(table, f"the injected positional embeddings of guided step {i + 1}",
-                         "use embeddings saved by a rope/posemb run that finished normally")
+        embeds.check_values()
     return grid, config, optimise
 
 

@@ -217,7 +217,7 @@ def test_bench_out_that_is_a_file_is_refused_before_the_model_loads(tiny_5b_path
                                                                     monkeypatch):
     import ditflow.jobs
 
-    monkeypatch.setattr(ditflow.jobs, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
     out = tmp_path / "table.csv"
     out.write_text("mine")
     assert main(_cli_args(tiny_5b_path, manifest, out, "backbone")) == 2

@@ -170,14 +170,17 @@ def _embeds_file(path, value: float):
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, 1e30])
-def test_embeddings_holding_nan_inf_or_1e30_are_refused_and_inject_writes_nothing(
-    tiny_5b_path, tmp_path, capsys, value
+def test_embeddings_holding_nan_inf_or_1e30_are_refused_before_the_model_loads(
+    tiny_5b_path, tmp_path, capsys, monkeypatch, value
 ):
+    import ditflow.jobs
+
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
     embeds = _embeds_file(tmp_path / "bad.safetensors", value)
     out = tmp_path / "out"
     err = _error(capsys, ["inject", "--model", str(tiny_5b_path), "--embeds", str(embeds), "--prompt", "x",
                           "--out", str(out), "--dtype", "fp32", "--device", "cpu"], out)
-    assert "embeddings" in err and ("non-finite" in err or "blew up" in err)
+    assert "positional embeddings of guided step 1" in err and ("went non-finite" in err or "blew up" in err)
 
 
 def test_non_finite_embeddings_are_never_saved(tmp_path):

@@ -288,3 +288,26 @@ def test_an_out_filled_by_another_run_meanwhile_keeps_both(tmp_path):
     (kept,) = tmp_path.glob("out.new-*")
     assert json.loads((kept / "run.json").read_text()) == {"mine": True}
     assert json.loads((out / "run.json").read_text()) == {"theirs": True}
+
+
+def test_a_failed_publish_keeps_the_new_set_visibly_and_out_unchanged(tmp_path, monkeypatch):
+    import ditflow.outputs
+
+    def cross_device(a, b):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    monkeypatch.setattr(ditflow.outputs, "_exchange", cross_device)
+    out = tmp_path / "out"
+    before = _old_run(out)
+    with pytest.raises(DiTFlowError, match=r"could not put the results at .*out \(Invalid cross-device link\); it is "
+                       r"unchanged and this run's results are in .*out\.new-\d+\."):
+        with OutputSet(out, overwrite=True) as folder:
+            write_json(folder / "run.json", {"new": True})
+    assert _snapshot(out)["inside"] == before["inside"]
+    (kept,) = tmp_path.glob("out.new-*")
+    assert json.loads((kept / "run.json").read_text()) == {"new": True}
+
+
+def test_a_mount_point_is_refused_as_out():
+    with pytest.raises(DiTFlowError, match="is a mount point, which cannot be replaced by a rename"):
+        check_output_folder("/", overwrite=True)
