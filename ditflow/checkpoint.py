@@ -76,7 +76,9 @@ def check_config(kind: str, config, path: Path) -> dict:
     if kind == "vae":
         blocks = config.get("block_out_channels", [1])
         if not isinstance(blocks, list) or not blocks or not all(_positive_int(b) for b in blocks):
-            raise DiTFlowError(f"{path} has block_out_channels = {blocks!r}, which must list positive integers; {advice}.")
+            raise DiTFlowError(
+                f"{path} has block_out_channels = {blocks!r}, which must list positive integers; {advice}."
+            )
     for key in _POSITIVE_NUMBERS.get(kind, ()):
         value = config.get(key, 1.0)
         if type(value) not in (int, float) or not (math.isfinite(value) and value > 0):

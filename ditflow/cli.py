@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import signal
 import sys
@@ -83,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     r = t.add_argument_group("reference video")
     r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
-    r.add_argument("--num-frames", type=int, default=49, help="frames to use, 4k+1 (default 49, the models' native)")
+    r.add_argument("--num-frames", type=int, default=49, help="frames to use, 4k+1 and at least 5 (default 49, the "
+                   "models' native)")
     r.add_argument("--height", type=int, default=480, help="height in px, multiple of 16 (default 480)")
     r.add_argument("--width", type=int, default=720, help="width in px, multiple of 16 (default 720)")
     r.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
@@ -261,7 +263,8 @@ def _add_metric_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cotracker-checkpoint", default=None, help="path of CoTracker3's scaled_offline.pth")
     g.add_argument("--grid-size", type=int, default=55, help="tracked points per side (paper: 55)")
     g.add_argument("--clip-model", default=None, help="folder of openai/clip-vit-base-patch32 for IQ (default: the "
-                   "local Hugging Face cache; IQ is skipped, with the reason, when the weights are not on disk)")
+                   "local Hugging Face cache, and IQ is skipped, with the reason, when it lacks the weights; a folder "
+                   "given here that cannot be loaded is an error)")
 
 
 def _evaluate(args) -> None:
@@ -281,6 +284,8 @@ def _evaluate(args) -> None:
     try:
         model, processor = load_clip(args.clip_model)
     except DiTFlowError as err:
+        if args.clip_model is not None:  # asked for explicitly: not a reason to skip quietly
+            raise
         print(f"IQ skipped: {err} (here: --clip-model FOLDER)")
         return
     print(f"IQ {clip_score(gen, args.prompt, model=model, processor=processor):.4f}  (CLIP ViT-B/32, mean over frames)")
@@ -373,13 +378,26 @@ def _interrupted(args, before) -> str:
     return f"interrupted: nothing was written ({args.out} is as it was)"
 
 
+@contextlib.contextmanager
+def _warnings_on_stderr():
+    """Warnings of the library (the ``ditflow`` logger) print as ``warning: ...`` lines while the command runs."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    logger = logging.getLogger("ditflow")
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from . import jobs
 
     before = _identity(args.out) if hasattr(args, "out") else None
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _warnings_on_stderr():
             record = _run(args, jobs)
     except DiTFlowError as e:
         print(f"error: {e}", file=sys.stderr)

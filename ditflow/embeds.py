@@ -225,7 +225,8 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
         )
     if not all(0 <= t < MAX_STEPS for t in timesteps) or any(a <= b for a, b in zip(timesteps, timesteps[1:])):
         raise DiTFlowError(
-            f"{path} has guided timesteps {list(timesteps)[:8]}, not decreasing values in 0..{MAX_STEPS - 1}; {_REMAKE}."
+            f"{path} has guided timesteps {list(timesteps)[:8]}, not decreasing values in 0..{MAX_STEPS - 1}; "
+            f"{_REMAKE}."
         )
     try:
         with safe_open(str(path), framework="pt") as f:

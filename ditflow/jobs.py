@@ -23,12 +23,19 @@ import torch
 from . import __version__
 from .config import GuidanceConfig, Mode
 from .embeds import PositionEmbeds, load_embeds, save_embeds
-from .errors import DiTFlowError
+from .errors import DiTFlowError, collected_warnings, collecting_warnings
 from .files import write_json
-from .layout import token_grid, video_frames
+from .layout import PATCH_SIZE, token_grid, video_frames
 from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
 from .outputs import OutputSet
-from .reference import ReferenceMotion, decode_latents, encode_video, extract_reference, reference_without_amf
+from .reference import (
+    ReferenceMotion,
+    check_decode_fits,
+    decode_latents,
+    encode_video,
+    extract_reference,
+    reference_without_amf,
+)
 from .sampler import Callback, SampleResult, sample
 from .text import encode_prompt
 from .video import FOLDER_FPS, check_fps, load_video, prepare_reference, write_video
@@ -74,10 +81,12 @@ def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleRes
         "ditflow_version": __version__,
         "torch_version": torch.__version__,
         "platform": platform.platform(),
-        "settings": settings,
+        "settings": {**settings, "prompt_used": result.prompt_used,
+                     "negative_prompt_used": result.negative_prompt_used},
         "guidance": {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(config).items()},
         "memory": memory,
         "loss_per_step": result.losses,
+        "warnings": collected_warnings(),
         "timings_s": {**timings, **{f"sample.{k}": v for k, v in result.timings.items()}},
     }
 
@@ -156,6 +165,10 @@ def generate(
         (frames ``[F, 3, H, W]`` in [-1, 1], :class:`~ditflow.sampler.SampleResult`).
     """
     timings = {} if timings is None else timings
+    grid = motion.grid if motion is not None else embeds.grid if embeds is not None else None
+    grid = token_grid(*size) if grid is None and size is not None else grid
+    if grid is not None:  # the decoded video must fit: refuse now rather than after minutes of sampling
+        check_decode_fits(grid[0], grid[1] * PATCH_SIZE, grid[2] * PATCH_SIZE)
     tic = time.perf_counter()
     with cog.on_device("text_encoder"):
         embeds_text = encode_prompt(cog, prompt, negative_prompt)
@@ -203,6 +216,7 @@ def _output_fps(fps: float | None, src_fps: float, reference: ReferenceOptions, 
                            f"{reference.stride}; give the output frame rate (--fps).") from None
 
 
+@collecting_warnings
 def transfer(
     model: ModelOptions,
     video: str | os.PathLike,
@@ -277,6 +291,7 @@ def transfer(
     return record
 
 
+@collecting_warnings
 def inject(
     model: ModelOptions,
     embeds_path: str | os.PathLike,

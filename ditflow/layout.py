@@ -17,6 +17,8 @@ SPATIAL_COMPRESSION = 8
 PATCH_SIZE = 2
 #: Pixel size of one patch-grid unit (8 × 2).
 PIXELS_PER_PATCH = SPATIAL_COMPRESSION * PATCH_SIZE
+#: Fewest video frames DiTFlow takes: 5 → 2 latent frames, the least with a frame pair to move between.
+MIN_FRAMES = TEMPORAL_COMPRESSION + 1
 
 
 def latent_frames(num_frames: int) -> int:
@@ -31,9 +33,15 @@ def video_frames(num_latent_frames: int) -> int:
 
 
 def check_frame_count(num_frames: int) -> None:
-    """Raises :class:`DiTFlowError` unless ``num_frames`` is 4k+1 (CogVideoX's VAE needs it; 49 is native)."""
-    if num_frames < 1 or (num_frames - 1) % TEMPORAL_COMPRESSION:
-        lo = max(1, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
+    """Raises :class:`DiTFlowError` unless ``num_frames`` is 4k+1 (CogVideoX's VAE needs it; 49 is native) and at
+    least :data:`MIN_FRAMES` (one latent frame has no motion to transfer)."""
+    if num_frames < MIN_FRAMES:
+        raise DiTFlowError(
+            f"frame count {num_frames} is too few: motion needs at least {MIN_FRAMES} frames (2 latent frames); "
+            f"use {MIN_FRAMES} or more, of the form 4k+1 (49 is native)."
+        )
+    if (num_frames - 1) % TEMPORAL_COMPRESSION:
+        lo = max(MIN_FRAMES, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
         raise DiTFlowError(
             f"frame count {num_frames} is not of the form 4k+1 that CogVideoX needs; use {lo} or {lo + 4} (49 is native)."
         )
@@ -86,6 +94,7 @@ def frames_to_image(frames: Tensor) -> Tensor:
 
 
 __all__ = [
+    "MIN_FRAMES",
     "PIXELS_PER_PATCH",
     "check_frame_count",
     "check_size",

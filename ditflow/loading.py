@@ -467,7 +467,9 @@ def load_cogvideox(
         transformer = vae = text_encoder = tokenizer = None
         if "transformer" in components:
             with _explained(source, "transformer"):
-                transformer = CogVideoXTransformer3DModel.from_pretrained(**where("transformer"), torch_dtype=torch_dtype)
+                transformer = CogVideoXTransformer3DModel.from_pretrained(
+                    **where("transformer"), torch_dtype=torch_dtype
+                )
             transformer = _freeze(transformer.to(device))
         if "vae" in components:
             with _explained(source, "vae"):

@@ -22,6 +22,8 @@ from .attention import AttentionController, controlled_attention
 from .config import Loss, check_blocks
 from .errors import DiTFlowError, check_finite
 from .forward import forward_until
+from .layout import SPATIAL_COMPRESSION, video_frames
+from .limits import FLOAT_BYTES, require
 from .losses import video_features
 from .positions import owned_sincos, rope_tables, sincos_table
 from .text import encode_prompt
@@ -67,6 +69,14 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
     return rearrange(z * scale, "b c f h w -> b f c h w").contiguous()
 
 
+def check_decode_fits(num_latent_frames: int, latent_height: int, latent_width: int) -> None:
+    """Refuses, before any work, a video whose decoded frames (float32, on the CPU) cannot fit in memory."""
+    frames = video_frames(num_latent_frames)
+    height, width = latent_height * SPATIAL_COMPRESSION, latent_width * SPATIAL_COMPRESSION
+    require(frames * 3 * height * width * FLOAT_BYTES, f"decoding {frames} frames of {width}×{height} px",
+            "use a smaller size or fewer frames")
+
+
 @torch.no_grad()
 def decode_latents(model, latents: Tensor) -> Tensor:
     """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU.
@@ -80,6 +90,7 @@ def decode_latents(model, latents: Tensor) -> Tensor:
     check_finite(latents, "the latents to decode", "generate them again; a sampler run stops before it returns "
                  "such latents, so they came from elsewhere", limit=None)
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
+    check_decode_fits(latents.shape[1], latents.shape[-2], latents.shape[-1])
     z = rearrange(latents.to(device, dtype) / scale, "b f c h w -> b c f h w")
     with torch.inference_mode(False):
         video = vae.decode(z).sample  # [1, 3, F, H, W]

@@ -58,12 +58,16 @@ class SampleResult:
         losses: per guided step, the guidance loss (AMF, MOFT or SMM) at each Adam iteration (before that
             iteration's update).
         timings: seconds per phase: ``kv_reference``, ``optimisation``, ``denoising``.
+        prompt_used, negative_prompt_used: the texts the conditioning encodes (cut to the text encoder's length;
+            see :func:`~ditflow.text.encode_prompt`).
     """
 
     latents: Tensor
     embeds: PositionEmbeds | None
     losses: list[list[float]]
     timings: dict[str, float] = field(default_factory=dict)
+    prompt_used: str = ""
+    negative_prompt_used: str = ""
 
 
 def sampling_grid(reference=None, embeds=None, size=None) -> tuple[int, int, int]:
@@ -360,7 +364,8 @@ class _GuidedRun:
                 timesteps=tuple(int(t) for t in self.timesteps[: len(self.saved_tables)]), tables=self.saved_tables,
                 prompt=prompt.prompt,
             )
-        return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings)
+        return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings,
+                            prompt_used=prompt.prompt_used, negative_prompt_used=prompt.negative_prompt_used)
 
 
 def sample(

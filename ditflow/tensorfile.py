@@ -174,7 +174,9 @@ def read_shard_index(index: str | os.PathLike, *, advice: str) -> dict[str, Path
                 f"beside the index are read (never pickles), so {advice}."
             )
         if not (index.parent / name).is_file():
-            raise DiTFlowError(f"{index} names the shard {name}, which is missing (an interrupted download?); {advice}.")
+            raise DiTFlowError(
+                f"{index} names the shard {name}, which is missing (an interrupted download?); {advice}."
+            )
         shards[name] = index.parent / name
     return {key: shards[name] for key, name in weight_map.items()}
 

@@ -8,6 +8,7 @@ the nodes convert IMAGE with :func:`ditflow.layout.image_to_frames` and call :fu
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from fractions import Fraction
@@ -22,7 +23,10 @@ from torch import Tensor
 from .config import check_number
 from .errors import DiTFlowError
 from .files import atomic_path
-from .layout import TEMPORAL_COMPRESSION, check_frame_count, check_size
+from .layout import MIN_FRAMES, TEMPORAL_COMPRESSION, check_frame_count, check_size
+from .limits import FLOAT_BYTES, available_bytes, require
+
+log = logging.getLogger(__name__)
 
 #: How :func:`prepare_reference` fits a clip to the target size: cover and centre-crop, plain resize, or fit and
 #: pad with black.
@@ -35,6 +39,9 @@ FOLDER_FPS = 8.0
 MAX_FPS = 1000.0
 #: Encoders tried by :func:`write_video`, best first; the PyPI ``av`` wheels ship libx264.
 _ENCODERS = ("libx264", "h264", "mpeg4")
+#: Peak bytes per decoded sample (pixel × channel) in :func:`load_video`: the uint8 frame plus its float32 copy.
+DECODED_SAMPLE_BYTES = 1 + FLOAT_BYTES
+_TOO_BIG = "use fewer frames (--num-frames, --max-frames) or a smaller copy of the clip"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -49,17 +56,26 @@ def _to_rgb(frame: av.VideoFrame) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, quarter_turns)) if quarter_turns else rgb
 
 
-def _decode(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float]:
-    """All (or the first ``max_frames``) frames of the first video stream of ``path``, and its frame rate."""
+def _decode(path: Path, max_frames: int | None, budget: int) -> tuple[list[np.ndarray], float, int]:
+    """The first ``max_frames`` (or all) frames of the first video stream of ``path``, its frame rate, and how many
+    frames the decoder marked corrupt. A clip whose frames cannot fit in ``budget`` bytes is refused: before
+    decoding when the container gives its frame count, else as soon as the frames read exceed it."""
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DiTFlowError(f"{path} has no video stream; pass a video file (mp4, webm, mov, mkv, gif).")
             stream = container.streams.video[0]
             rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-            frames = []
+            declared = min(n for n in (stream.frames, max_frames, 1 << 62) if n)
+            if declared < 1 << 62:
+                _check_fits(declared, stream.codec_context.width, stream.codec_context.height, path, budget)
+            frames, corrupt, used = [], 0, 0
             for frame in container.decode(stream):
+                used += frame.width * frame.height * 3 * DECODED_SAMPLE_BYTES
+                if used > budget:
+                    _check_fits(len(frames) + 1, frame.width, frame.height, path, budget)
                 frames.append(_to_rgb(frame))
+                corrupt += bool(frame.is_corrupt)
                 if max_frames is not None and len(frames) >= max_frames:
                     break
     except av.FFmpegError as e:
@@ -67,7 +83,31 @@ def _decode(path: Path, max_frames: int | None) -> tuple[list[np.ndarray], float
             f"could not read {path} as video or image ({e.__class__.__name__}: {e.strerror or e}); "
             "check that the file is complete, or re-encode it to h264 mp4."
         ) from e
-    return frames, float(rate) if rate else FOLDER_FPS
+    return frames, float(rate) if rate else FOLDER_FPS, corrupt
+
+
+def _check_fits(count: int, width: int, height: int, source: Path, budget: int) -> None:
+    """Refuses ``count`` decoded frames of ``width``×``height`` px that do not fit in ``budget`` bytes."""
+    need = count * width * height * 3 * DECODED_SAMPLE_BYTES
+    require(need, f"decoding {count} frames of {width}×{height} px from {source}", _TOO_BIG, available=budget)
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) from an image file's header alone, or None if it cannot tell.
+
+    Pillow's format classes are used directly: ``Image.open`` refuses images above ~179 M px (decompression-bomb
+    guard) without telling their size, and it is exactly those sizes that must be estimated.
+    """
+    from PIL import Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+
+    readers = {".png": PngImagePlugin.PngImageFile, ".jpg": JpegImagePlugin.JpegImageFile,
+               ".jpeg": JpegImagePlugin.JpegImageFile, ".webp": WebPImagePlugin.WebPImageFile}
+    reader = readers.get(path.suffix.lower())
+    try:
+        with reader(str(path)) if reader else Image.open(path) as image:
+            return image.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):  # plugins raise SyntaxError on mismatch
+        return None
 
 
 def _natural_key(name: str) -> list:
@@ -75,8 +115,10 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
-def _read_folder(folder: Path, max_frames: int | None) -> list[np.ndarray]:
-    """The image files of ``folder`` in natural name order, each decoded with PyAV as one RGB frame."""
+def _read_folder(folder: Path, max_frames: int | None, budget: int) -> tuple[list[np.ndarray], int]:
+    """The image files of ``folder`` in natural name order, each decoded with PyAV as one RGB frame, and how many
+    were marked corrupt. The first file's header sizes the whole folder, which is refused before decoding if its
+    frames cannot fit in ``budget`` bytes (a 2 MB PNG of 16000×16000 px decodes to 768 MB)."""
     files = sorted(
         (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")),
         key=lambda p: _natural_key(p.name),
@@ -85,13 +127,18 @@ def _read_folder(folder: Path, max_frames: int | None) -> list[np.ndarray]:
         raise DiTFlowError(
             f"folder {folder} holds no image frames; put the frames there as {', '.join(IMAGE_SUFFIXES)} files."
         )
-    frames = []
+    if (size := _image_size(files[0])) is not None:  # sizes the folder from its first header, before decoding
+        _check_fits(len(files), *size, folder, budget)
+    frames, corrupt = [], 0
     for file in files:
-        decoded, _ = _decode(file, 1)
+        if (size := _image_size(file)) is not None:  # the decoder's own probe would already decode the file
+            _check_fits(len(frames) + 1, *size, folder, budget)
+        decoded, _, bad = _decode(file, 1, budget)
         if not decoded:
             raise DiTFlowError(f"image frame {file} decodes to nothing; replace or delete it.")
         frames.append(decoded[0])
-    return frames
+        corrupt += bad
+    return frames, corrupt
 
 
 def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tuple[Tensor, float]:
@@ -106,7 +153,9 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
         Frames with rotation metadata are turned upright.
     Raises:
         DiTFlowError: if the path is missing, unreadable or corrupt, has no video stream or no frames, is an
-            empty folder, or holds frames of different sizes.
+            empty folder, holds frames of different sizes, or its frames cannot fit in memory (estimated from the
+            headers before decoding: ``T·H·W·3·``:data:`DECODED_SAMPLE_BYTES` bytes).
+    Frames the decoder marks corrupt are used, and counted in a warning on the ``ditflow`` logger.
     """
     path = Path(path).expanduser()
     if not path.exists():
@@ -114,19 +163,25 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
         raise DiTFlowError(f"video {path} does not exist; check the path{where}.")
     if max_frames is not None and max_frames < 1:
         raise DiTFlowError(f"max_frames must be at least 1 or None, got {max_frames}.")
+    budget = available_bytes()
     if path.is_dir():
-        frames, fps = _read_folder(path, max_frames), FOLDER_FPS
+        (frames, corrupt), fps = _read_folder(path, max_frames, budget), FOLDER_FPS
     else:
-        frames, fps = _decode(path, max_frames)
+        frames, fps, corrupt = _decode(path, max_frames, budget)
     if not frames:
         raise DiTFlowError(f"{path} decodes to zero frames; check the file or re-encode it.")
+    if corrupt:
+        log.warning(f"{corrupt} of the {len(frames)} frames read from {path} are marked corrupt by the decoder "
+                    "(a damaged or truncated stream); they are used as decoded; re-encode or replace the clip.")
     sizes = {f.shape for f in frames}
     if len(sizes) > 1:
         raise DiTFlowError(
             f"frames of {path} differ in size ({sorted(s[1::-1] for s in sizes)} as W×H); resize them to one size."
         )
-    rgb = torch.from_numpy(np.stack(frames)).permute(0, 3, 1, 2)  # [T, 3, H, W] uint8
-    return rgb.float().div_(127.5).sub_(1.0), fps
+    out = torch.empty((len(frames), 3, *frames[0].shape[:2]))  # filled frame by frame: no second uint8 copy
+    for i, rgb in enumerate(frames):
+        out[i] = torch.from_numpy(rgb).permute(2, 0, 1)
+    return out.div_(127.5).sub_(1.0), fps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -163,8 +218,9 @@ def prepare_reference(
     Returns:
         ``[num_frames, 3, height, width]`` float32 in [-1, 1], on the device of ``frames``. Bilinear, antialiased.
     Raises:
-        DiTFlowError: on a bad shape, frame count, size, start, stride or mode, or if the clip is too short
-            (the message gives the largest num_frames and stride that fit).
+        DiTFlowError: on a bad shape, frame count, size, start, stride or mode, if the clip is too short
+            (the message gives the largest num_frames and stride that fit), or if the resized frames cannot fit in
+            the memory of ``frames``' device (estimated before allocating them).
     """
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise DiTFlowError(
@@ -179,7 +235,7 @@ def prepare_reference(
     total = frames.shape[0]
     available = (total - 1 - start) // stride + 1 if start < total else 0
     if available < num_frames:
-        fit = (available - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1 if available else 0
+        fit = (available - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1 if available >= MIN_FRAMES else 0
         hint = f"num_frames={fit}" if fit else "an earlier start"
         max_stride = (total - 1 - start) // (num_frames - 1) if num_frames > 1 and start < total else 0
         if max_stride >= 1:
@@ -188,18 +244,27 @@ def prepare_reference(
             f"the reference clip has {total} frames, and from frame {start} with stride {stride} it gives at most "
             f"{available}, fewer than num_frames={num_frames}; use {hint}, or a longer clip."
         )
+    src_h, src_w = frames.shape[-2:]
+    if resize == "stretch":
+        new_h, new_w = height, width
+    elif resize == "crop":  # cover, then centre-crop
+        scale = max(height / src_h, width / src_w)
+        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
+    else:  # pad: fit inside, then pad with black
+        scale = min(height / src_h, width / src_w)
+        new_h, new_w = max(1, min(height, round(src_h * scale))), max(1, min(width, round(src_w * scale)))
+    # The resized copy and the clamped output (plus a float copy of integer input) before any is allocated.
+    samples = new_h * new_w + height * width + (0 if frames.is_floating_point() else src_h * src_w)
+    need = num_frames * 3 * FLOAT_BYTES * samples
+    require(need, f"fitting {num_frames} frames to {width}×{height} px", "use a smaller size or fewer frames",
+            frames.device)
     clip = frames[start : start + (num_frames - 1) * stride + 1 : stride].float()
-    src_h, src_w = clip.shape[-2:]
     if resize == "stretch":
         out = _resize(clip, height, width)
     elif resize == "crop":
-        scale = max(height / src_h, width / src_w)
-        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
         top, left = (new_h - height) // 2, (new_w - width) // 2
         out = _resize(clip, new_h, new_w)[..., top : top + height, left : left + width]
-    else:  # pad
-        scale = min(height / src_h, width / src_w)
-        new_h, new_w = max(1, min(height, round(src_h * scale))), max(1, min(width, round(src_w * scale)))
+    else:
         top, left = (height - new_h) // 2, (width - new_w) // 2
         pads = (left, width - new_w - left, top, height - new_h - top)
         out = F.pad(_resize(clip, new_h, new_w), pads, value=-1.0)

@@ -3,11 +3,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from ditflow import DiTFlowError
 
 from . import paths
+
+
+#: Where Save Embeds writes by default: output/ditflow/, which Load Embeds lists.
+DEFAULT_PREFIX = "ditflow/embeds"
 
 
 class DiTFlowSaveEmbeds:
@@ -21,7 +26,7 @@ class DiTFlowSaveEmbeds:
     def INPUT_TYPES(cls):
         return {"required": {
             "embeds": ("DITFLOW_EMBEDS", {"tooltip": "From the DiTFlow Guided Sampler in mode rope or posemb."}),
-            "filename_prefix": ("STRING", {"default": "ditflow/embeds", "tooltip": "Path under the output folder; "
+            "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX, "tooltip": "Path under the output folder; "
                                 "a counter and .safetensors are appended. Files in output/ditflow/ are listed by "
                                 "DiTFlow Load Embeds."}),
         }}
@@ -33,6 +38,10 @@ class DiTFlowSaveEmbeds:
         if embeds is None:
             raise DiTFlowError("there are no embeddings to save: the sampler optimises and returns them only in "
                                "mode rope (CogVideoX-5b) or posemb (CogVideoX-2b) with an AMF connected.")
+        filename_prefix = filename_prefix.strip() or DEFAULT_PREFIX  # empty: the default, not a hidden "._00001_"
+        if os.path.basename(os.path.normpath(filename_prefix)).startswith("."):
+            raise DiTFlowError(f"filename prefix {filename_prefix!r} would write a hidden file that DiTFlow Load "
+                               f"Embeds does not list; end it with a name, such as {DEFAULT_PREFIX}.")
         output_dir = folder_paths.get_output_directory()
         target = os.path.abspath(os.path.join(output_dir, os.path.normpath(filename_prefix)))
         if os.path.commonpath((os.path.abspath(output_dir), target)) != os.path.abspath(output_dir):
@@ -41,6 +50,10 @@ class DiTFlowSaveEmbeds:
         folder, name, counter, subfolder, _ = folder_paths.get_save_image_path(filename_prefix, output_dir)
         file = f"{name}_{counter:05}_.safetensors"
         save_embeds(os.path.join(folder, file), embeds)
+        if not paths.lists_embeds(os.path.join(folder, file)):
+            logging.getLogger("ditflow").warning(
+                f"saved {os.path.join(folder, file)}, which DiTFlow Load Embeds does not list; move it to "
+                "output/ditflow/ or models/ditflow_embeds/ (or save with a prefix starting ditflow/) to load it.")
         return {"ui": {"text": [os.path.join(subfolder, file)]}}
 
 

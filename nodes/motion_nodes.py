@@ -26,8 +26,8 @@ class DiTFlowEncodeReference:
                       "multiple of 16 (CogVideoX native: 720)."}),
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Target height in px, "
                        "a multiple of 16 (CogVideoX native: 480)."}),
-            "num_frames": ("INT", {"default": 49, "min": 1, "max": 1025, "tooltip": "Frames to use, of the form "
-                           "4k+1 (CogVideoX native: 49 = 13 latent frames)."}),
+            "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "tooltip": "Frames to use, of the form "
+                           "4k+1, at least 5 (CogVideoX native: 49 = 13 latent frames)."}),
             "start": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Index of the first frame used "
                       "(0-based)."}),
             "stride": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Step between used frames: 1 keeps "

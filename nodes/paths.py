@@ -80,6 +80,16 @@ def embeds_files() -> list[str]:
     return folder_paths.get_filename_list(EMBEDS_KEY)
 
 
+def lists_embeds(path: str) -> bool:
+    """Whether ``path`` lies in a folder that DiTFlow Load Embeds lists."""
+    import folder_paths
+
+    register()
+    path = os.path.abspath(path)
+    roots = [os.path.abspath(root) for root in folder_paths.get_folder_paths(EMBEDS_KEY)]
+    return any(os.path.commonpath((root, path)) == root for root in roots)
+
+
 def embeds_path(name: str) -> str:
     import folder_paths
 

@@ -65,8 +65,8 @@ class DiTFlowGuidedSampler:
                                  "keys/values at kv_block by the noised reference's (needs an AMF input; paper: on)."}),
                 "kv_block": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "Block for KV injection "
                              "(0-based; authors' default 0)."}),
-                "num_frames": ("INT", {"default": 49, "min": 1, "max": 1025, "tooltip": "Video frames (4k+1); used "
-                               "only when neither an AMF nor embeddings fix the size."}),
+                "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "tooltip": "Video frames (4k+1, at least "
+                               "5); used only when neither an AMF nor embeddings fix the size."}),
                 "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in px "
                           "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
                 "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in px "

@@ -441,6 +441,19 @@ def test_nan_widgets_and_nan_latents_are_refused_as_in_the_cli(N, chain_5b):
         run(N["DiTFlowDecode"], model=model, samples=nan)
 
 
+@pytest.mark.parametrize("prefix", ["", "   "])
+def test_an_empty_save_prefix_saves_where_load_embeds_lists_it(N, rope_run, prefix):
+    saved = run(N["DiTFlowSaveEmbeds"], embeds=rope_run["embeds"], filename_prefix=prefix)["ui"]["text"][0]
+    assert not Path(saved).name.startswith(".") and Path(saved).parts[0] == "ditflow"
+    assert str(Path(saved).relative_to("ditflow")) in N["DiTFlowLoadEmbeds"].INPUT_TYPES()["required"]["embeds_file"][0]
+
+
+def test_a_save_prefix_naming_a_hidden_file_is_refused(N, rope_run):
+    for prefix in (".", "ditflow/.", "ditflow/.hidden"):
+        with pytest.raises(DiTFlowError, match="hidden file that DiTFlow Load Embeds does not list"):
+            run(N["DiTFlowSaveEmbeds"], embeds=rope_run["embeds"], filename_prefix=prefix)
+
+
 def test_cancel_mid_optimisation_leaves_the_model_stock(N, comfy, chain_5b, monkeypatch):
     from ditflow.attention import DiTFlowAttnProcessor
 
