@@ -109,9 +109,17 @@ class _RandomText(torch.nn.Module):
         return (self.table(ids),)
 
 
-def _tokenizer(prompt, *, max_length, **_):
-    ids = [[b % 256 for b in p.encode()][:max_length] + [0] * max(0, max_length - len(p.encode())) for p in prompt]
-    return SimpleNamespace(input_ids=torch.tensor(ids))
+class _ByteTokenizer:
+    """Bytes as token ids, padded to ``max_length`` when given: as much of a T5 tokenizer as ditflow.text uses."""
+
+    def __call__(self, prompt, *, max_length=None, **_):
+        if max_length is None:  # ditflow.text's untruncated length check
+            return SimpleNamespace(input_ids=[[b % 256 for b in p.encode()] for p in prompt])
+        ids = [[b % 256 for b in p.encode()][:max_length] + [0] * max(0, max_length - len(p.encode())) for p in prompt]
+        return SimpleNamespace(input_ids=torch.tensor(ids))
+
+    def decode(self, ids, **_):
+        return bytes(ids).decode(errors="replace")
 
 
 def build_model(size: str, device: str, dtype: torch.dtype, vae: str):
@@ -138,7 +146,7 @@ def build_model(size: str, device: str, dtype: torch.dtype, vae: str):
             torch.set_default_dtype(default)
     family = FAMILY[size]
     return CogVideoX(
-        transformer=transformer, vae=vae_model, text_encoder=text, tokenizer=_tokenizer,
+        transformer=transformer, vae=vae_model, text_encoder=text, tokenizer=_ByteTokenizer(),
         scheduler_config=dict(SCHEDULER, snr_shift_scale=SNR_SHIFT[family]), family=family, dtype=dtype,
         path=f"random-init {size}", transformer_config=dict(transformer.config),
         vae_config={"scaling_factor": SCALING[size]},

@@ -377,7 +377,7 @@ def _explained(source: str, component: str) -> Iterator[None]:
 
     try:
         yield
-    except (DiTFlowError, MemoryError, torch.OutOfMemoryError):
+    except (DiTFlowError, MemoryError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError only since 2.5
         raise
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError) as e:
         detail = str(e).splitlines()[0][:160] if str(e) else ""

@@ -42,7 +42,7 @@ def _used_text(model, prompt: str, what: str) -> str:
     """``prompt`` if it fits the text encoder's ``max_text_seq_length`` tokens, else the text of the tokens kept
     (T5 keeps L − 1 and appends its end token), with a warning on the ``ditflow`` logger."""
     limit = model.max_text_seq_length
-    ids = model.tokenizer(prompt, add_special_tokens=True).input_ids
+    ids = model.tokenizer([prompt], add_special_tokens=True).input_ids[0]
     if len(ids) <= limit:
         return prompt
     used = model.tokenizer.decode(ids[: limit - 1], skip_special_tokens=True)
