@@ -23,7 +23,7 @@ import math
 import re
 from pathlib import Path
 
-from .errors import DiTFlowError
+from .errors import DiTFlowError, quote
 from .tensorfile import Header, read_header, read_shard_index
 
 #: Component → stem of its weight files: diffusers' and transformers' safetensors names.
@@ -103,9 +103,8 @@ def _meta_model(kind: str, config: dict, path: Path):
             cls = CogVideoXTransformer3DModel if kind == "transformer" else AutoencoderKLCogVideoX
             return cls.from_config(config)
     except Exception as e:  # the libraries raise many types for bad values; the message quotes theirs
-        detail = str(e).splitlines()[0][:160] if str(e) else ""
         raise DiTFlowError(
-            f"{path} describes a {kind} that cannot be built ({type(e).__name__}: {detail}); {_advice(path.parent)}."
+            f"{path} describes a {kind} that cannot be built ({quote(e)}); {_advice(path.parent)}."
         ) from None
 
 

@@ -24,6 +24,13 @@ class DiTFlowError(ValueError):
     """Bad input or an unsupported model, explained in one sentence."""
 
 
+def quote(exc: BaseException) -> str:
+    """``"TypeName: first line of the message"`` (160 characters at most): a library's complaint, for quoting
+    inside one of our sentences."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:160]}" if lines else type(exc).__name__
+
+
 def check_finite(values, what: str, fix: str, *, limit: float | None = HEALTHY_MAGNITUDE) -> None:
     """Raises :class:`DiTFlowError` "<what> went non-finite (...); <fix>." if ``values`` holds NaN or ±Inf, or exceeds
     ``limit`` in magnitude (``None``: no limit).

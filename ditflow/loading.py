@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from .checkpoint import check_config, check_weights, read_json
-from .errors import DiTFlowError
+from .errors import DiTFlowError, quote
 
 #: Families this pack supports; see :func:`detect_family`.
 FAMILIES = ("2b", "5b")
@@ -201,10 +201,9 @@ def build_scheduler(family: str, scheduler_config: dict, path: str = ""):
     try:
         return cls.from_config(config, timestep_spacing="trailing")
     except Exception as e:  # diffusers raises many types for bad values
-        detail = str(e).splitlines()[0][:160] if str(e) else ""
         raise DiTFlowError(
             f"{Path(path) / 'scheduler' / 'scheduler_config.json'} cannot configure a {cls.__name__} "
-            f"({type(e).__name__}: {detail}); re-download scheduler/ from the model's Hugging Face repository."
+            f"({quote(e)}); re-download scheduler/ from the model's Hugging Face repository."
         ) from None
 
 
@@ -380,10 +379,9 @@ def _explained(source: str, component: str) -> Iterator[None]:
     except (DiTFlowError, MemoryError, torch.cuda.OutOfMemoryError):  # torch.OutOfMemoryError only since 2.5
         raise
     except (OSError, ValueError, RuntimeError, TypeError, KeyError, AttributeError, SafetensorError) as e:
-        detail = str(e).splitlines()[0][:160] if str(e) else ""
         raise DiTFlowError(
-            f"could not load {source}/{component} ({type(e).__name__}: {detail}); re-download {component}/ from the "
-            "model's Hugging Face repository."
+            f"could not load {source}/{component} ({quote(e)}); re-download {component}/ from the model's Hugging "
+            "Face repository."
         ) from e
 
 

@@ -198,3 +198,22 @@ def test_a_non_persistent_buffer_saved_by_an_older_diffusers_is_accepted(tiny_2b
     _rewrite_tensors(root, TRANSFORMER, lambda t: t.update({"patch_embed.pos_embedding": torch.zeros(1, 88, 32)}))
     model = load_cogvideox(root, dtype="fp32", components=("transformer",))
     assert model.num_blocks == 4
+
+
+@pytest.mark.parametrize("raised,expected", [
+    (RuntimeError("Error(s) in loading state_dict\nsecond line"), DiTFlowError),
+    (torch.cuda.OutOfMemoryError("CUDA out of memory"), torch.cuda.OutOfMemoryError),  # not damage: unchanged
+])
+def test_a_loader_error_the_checks_miss_is_one_sentence_but_out_of_memory_is_not_hidden(tiny_5b_path, monkeypatch,
+                                                                                      raised, expected):
+    from diffusers import AutoencoderKLCogVideoX
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(AutoencoderKLCogVideoX, "from_pretrained", fail)
+    with pytest.raises(expected) as err:
+        load_cogvideox(tiny_5b_path, dtype="fp32", components=("vae",))
+    if expected is DiTFlowError:
+        assert str(err.value) == (f"could not load {tiny_5b_path}/vae (RuntimeError: Error(s) in loading state_dict); "
+                                  "re-download vae/ from the model's Hugging Face repository.")

@@ -282,13 +282,16 @@ def test_evaluate_bmx_against_itself_and_reversed(bmx_path, tmp_path, capsys):
     assert _mf(capsys.readouterr().out) < 0.0
 
 
-def test_evaluate_real_clip_reports_mf_and_why_iq_was_skipped(real_clip_path, tmp_path, capsys):
+def test_evaluate_real_clip_reports_mf_and_why_iq_was_skipped(real_clip_path, capsys, monkeypatch):
+    # No --clip-model and no CLIP in the local cache: IQ is skipped with the reason (an explicit --clip-model that
+    # cannot load is an error instead: tests/test_limits_and_notices.py).
+    monkeypatch.setattr("ditflow.metrics.CLIP_MODEL_ID", "ditflow-tests/no-such-clip")
     args = ["evaluate", "--reference", str(real_clip_path), "--generated", str(real_clip_path), "--max-frames", "9",
-            "--size", "72x128", "--grid-size", "11", "--prompt", "a big rabbit", "--clip-model", str(tmp_path / "none")]
+            "--size", "72x128", "--grid-size", "11", "--prompt", "a big rabbit"]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert -1.0 <= _mf(out) <= 1.0 and "(tracker: flow" in out
-    assert "IQ skipped: CLIP model folder" in out and "does not exist" in out
+    assert "IQ skipped: CLIP weights not found locally (ditflow-tests/no-such-clip)" in out
 
 
 # --- DiTFlow Motion Fidelity node ---------------------------------------------------------------------------------
