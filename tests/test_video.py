@@ -94,15 +94,17 @@ def _marked_frame() -> torch.Tensor:
 def test_crop_covers_the_target_and_keeps_the_centre():
     # 720×480 → cover 256×256 at scale 256/480: 384×256, then 64 px cut on each side; the centre column
     # (x 360) lands at 360·256/480 − 64 = 128, the left band (x < 40 → < 21 px) is cut away.
-    out = prepare_reference(_marked_frame(), height=256, width=256, num_frames=1, resize="crop")
-    assert out.shape == (1, 3, 256, 256)
+    out = prepare_reference(_marked_frame().expand(5, -1, -1, -1), height=256, width=256, num_frames=5,
+                            resize="crop")
+    assert out.shape == (5, 3, 256, 256)
     row = out[0, 0, 128]
     assert row[126:130].min() > 0.5 and row.argmax().item() in range(125, 131)
     assert row[:100].max() < -0.999 and row[160:].max() < -0.999  # exact -1 up to float rounding
 
 
 def test_stretch_resizes_without_cutting():
-    out = prepare_reference(_marked_frame(), height=256, width=256, num_frames=1, resize="stretch")
+    out = prepare_reference(_marked_frame().expand(5, -1, -1, -1), height=256, width=256, num_frames=5,
+                            resize="stretch")
     row = out[0, 0, 128]
     assert row[:10].min() > 0.5  # left band kept: 40 px · 256/720 ≈ 14 px
     assert row[126:130].max() > 0.5 and row[30:110].max() < -0.999
@@ -111,10 +113,10 @@ def test_stretch_resizes_without_cutting():
 def test_pad_fits_inside_with_black_bars_of_the_right_size():
     # A white 720×480 frame fits 256 wide at scale 256/720: 256×171 px (480·0.356 = 170.7); the 85 spare rows
     # are split 42 above and 43 below, filled with black (-1).
-    white = torch.ones(1, 3, 480, 720)
-    out = prepare_reference(white, height=256, width=256, num_frames=1, resize="pad")
+    white = torch.ones(5, 3, 480, 720)
+    out = prepare_reference(white, height=256, width=256, num_frames=5, resize="pad")
     assert torch.all(out[..., :42, :] == -1) and torch.all(out[..., 42 + 171 :, :] == -1)
-    assert torch.allclose(out[..., 42 : 42 + 171, :], torch.ones(1, 3, 171, 256))
+    assert torch.allclose(out[..., 42 : 42 + 171, :], torch.ones(5, 3, 171, 256))
 
 
 @pytest.mark.parametrize("mode", RESIZE_MODES)
