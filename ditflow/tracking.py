@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import re
 from pathlib import Path
 
 import cv2
@@ -29,6 +28,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiTFlowError
+from .pickles import unsafe_torch
 
 #: Paper's query grid: 55×55 points on the first frame (§5.1, following SMM).
 DEFAULT_GRID_SIZE = 55
@@ -41,9 +41,6 @@ _DIS_PRESETS = {
     "medium": cv2.DISOPTICAL_FLOW_PRESET_MEDIUM,
 }
 _COTRACKER_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
-#: Oldest torch whose ``torch.load(weights_only=True)`` is safe on a hostile file: CVE-2025-32434 lets a crafted
-#: checkpoint run code through it on torch ≤ 2.5.1.
-MIN_TORCH_FOR_PICKLES = (2, 6)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,21 +132,9 @@ def track_flow(frames: Tensor, queries: Tensor, *, preset: str = "medium") -> Te
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _torch_version() -> tuple[int, int]:
-    major, minor = (int(p) for p in re.findall(r"\d+", torch.__version__)[:2])
-    return major, minor
-
-
 def _unsafe_torch_message() -> str | None:
     """Why CoTracker's ``.pth`` may not be read with this torch (CVE-2025-32434), or ``None`` when it may."""
-    if _torch_version() >= MIN_TORCH_FOR_PICKLES:
-        return None
-    need = ".".join(map(str, MIN_TORCH_FOR_PICKLES))
-    return (
-        f"CoTracker3's weights are a .pth pickle, and torch {torch.__version__} cannot read one safely "
-        f"(CVE-2025-32434 runs code from a crafted file even with weights_only=True up to torch 2.5.1); upgrade to "
-        f"torch ≥ {need} or use tracker 'flow'."
-    )
+    return unsafe_torch("CoTracker3's weights file (scaled_offline.pth)", "use tracker 'flow'")
 
 
 def _cotracker_paths(checkpoint: str | os.PathLike | None) -> tuple[Path, Path] | None:
@@ -164,7 +149,7 @@ def _cotracker_paths(checkpoint: str | os.PathLike | None) -> tuple[Path, Path] 
 
 def cotracker_available(checkpoint: str | os.PathLike | None = None) -> bool:
     """Whether CoTracker3 offline can run without any download (code in the torch.hub cache, weights on disk) and
-    this torch reads its weights safely (≥ :data:`MIN_TORCH_FOR_PICKLES`)."""
+    this torch reads its weights safely (≥ :data:`ditflow.pickles.MIN_TORCH`)."""
     return _cotracker_paths(checkpoint) is not None and _unsafe_torch_message() is None
 
 

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..errors import DiTFlowError
 from ..files import atomic_path
+from ..pickles import require_safe_torch
 from .config import EncoderConfig, FPTConfig
 
 FORMAT = "ditflow-fpt"
@@ -168,15 +169,10 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, encode
     atomically. Returns the model's sizes.
 
     Raises:
-        DiTFlowError: unreadable file, no or unknown state dict.
+        DiTFlowError: unreadable file, no or unknown state dict, or a torch older than 2.6 (CVE-2025-32434).
     """
-    from ..tracking import MIN_TORCH_FOR_PICKLES, _torch_version
-
     src = Path(src)
-    if _torch_version() < MIN_TORCH_FOR_PICKLES:
-        raise DiTFlowError(f"the FPT checkpoint is a .pt pickle, which torch {torch.__version__} cannot read safely "
-                           "(CVE-2025-32434 runs code from a crafted file even with weights_only=True up to torch "
-                           f"2.5.1); convert it once with torch ≥ {'.'.join(map(str, MIN_TORCH_FOR_PICKLES))}.")
+    require_safe_torch(f"the FPT checkpoint {src.name}", "convert it on a machine with a newer torch")
     try:
         loaded = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
