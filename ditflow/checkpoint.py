@@ -34,14 +34,17 @@ _POSITIVE_INTS = {
     "transformer": ("num_attention_heads", "attention_head_dim", "in_channels", "out_channels", "time_embed_dim",
                     "text_embed_dim", "num_layers", "sample_width", "sample_height", "sample_frames", "patch_size",
                     "temporal_compression_ratio", "max_text_seq_length"),
-    "vae": ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups",
-            "temporal_compression_ratio", "sample_height", "sample_width"),
+    "vae": ("in_channels", "out_channels", "latent_channels", "layers_per_block", "norm_num_groups", "sample_height",
+            "sample_width"),
     "text_encoder": ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads",
                      "relative_attention_num_buckets", "relative_attention_max_distance"),
     "scheduler": ("num_train_timesteps",),
 }
 #: Config fields that must be positive finite numbers when present.
-_POSITIVE_NUMBERS = {"vae": ("scaling_factor",), "scheduler": ("beta_start", "beta_end", "snr_shift_scale")}
+_POSITIVE_NUMBERS = {
+    "vae": ("scaling_factor", "temporal_compression_ratio"),  # diffusers types the VAE's ratio as a float
+    "scheduler": ("beta_start", "beta_end", "snr_shift_scale"),
+}
 #: Where each stack of blocks sits in the weights, and the config field that counts them.
 _BLOCKS = {"transformer": ("transformer_blocks", "num_layers"), "text_encoder": ("encoder.block", "num_layers")}
 
