@@ -21,17 +21,26 @@ from .errors import DiTFlowError
 FLOAT_BYTES = 4
 
 
-def available_bytes(device: str | torch.device = "cpu") -> int:
-    """Bytes a new allocation can take on ``device``: free GPU memory, or the host's available memory (capped by the
-    process's address-space limit, ``ulimit -v``, when one is set)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    import psutil
+def available_bytes(device: str | torch.device = "cpu") -> int | None:
+    """Bytes a new allocation can take on ``device`` (:func:`ditflow.memory.free_bytes`: free GPU memory, or the
+    host's available memory), capped on the CPU by the process's address-space limit (``ulimit -v``) when one is
+    set; ``None`` when the device does not say (then nothing is refused)."""
+    from .memory import free_bytes
 
-    free = int(psutil.virtual_memory().available)
+    device = torch.device(device)
+    free = free_bytes(device)
+    if device.type != "cpu":
+        return free
+    if free is None:  # not Linux: psutil (a ComfyUI dependency) knows
+        try:
+            import psutil
+        except ImportError:  # pragma: no cover
+            return None
+        free = int(psutil.virtual_memory().available)
     soft, _ = resource.getrlimit(resource.RLIMIT_AS) if resource is not None else (None, None)
     if soft is not None and soft != resource.RLIM_INFINITY:
+        import psutil
+
         free = min(free, max(0, soft - psutil.Process().memory_info().vms))
     return free
 
@@ -47,10 +56,10 @@ def require(nbytes: int, what: str, fix: str, device: str | torch.device = "cpu"
         nbytes: the estimate.
         what: the buffers, as a sentence subject ("decoding 49 frames of 16000×16000 px").
         fix: what to change ("use fewer or smaller frames").
-        available: the budget, if the caller already holds part of :func:`available_bytes`.
+        available: the budget, if the caller already holds part of :func:`available_bytes` (``None``: no check).
     """
     free = available_bytes(device) if available is None else available
-    if nbytes > free:
+    if free is not None and nbytes > free:
         raise DiTFlowError(
             f"{what} needs about {_gb(nbytes)} of memory, but only {_gb(free)} is available on {torch.device(device)}; "
             f"{fix}."

@@ -9,6 +9,7 @@ the nodes convert IMAGE with :func:`ditflow.layout.image_to_frames` and call :fu
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from fractions import Fraction
@@ -164,6 +165,7 @@ def load_video(path: str | os.PathLike, *, max_frames: int | None = None) -> tup
     if max_frames is not None and max_frames < 1:
         raise DiTFlowError(f"max_frames must be at least 1 or None, got {max_frames}.")
     budget = available_bytes()
+    budget = math.inf if budget is None else budget  # a device that does not say: nothing is refused
     if path.is_dir():
         (frames, corrupt), fps = _read_folder(path, max_frames, budget), FOLDER_FPS
     else:
