@@ -32,6 +32,16 @@ def _ints(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected block numbers like 20 or 10,15,20, got {text!r}") from None
 
 
+def _frame_count(text: str) -> int | str:
+    """'auto' or an integer (checked for 4k+1 later, with the clip)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a frame count like 49 or auto, got {text!r}") from None
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="diffusers-format CogVideoX folder (model_index.json, transformer/, "
@@ -84,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(t)
     r = t.add_argument_group("reference video")
     r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
-    r.add_argument("--num-frames", type=int, default=49, help="frames to use, 4k+1 and at least 5 (default 49, the "
-                   "models' native)")
+    r.add_argument("--num-frames", type=_frame_count, default="auto",
+                   help="frames to use, 4k+1 and at least 5, or auto (default): the largest 4k+1 the clip gives "
+                   "after --start and --stride, at most 49 (the models' native count); the choice is printed and "
+                   "kept in run.json")
     r.add_argument("--height", type=int, default=480, help="height in px, multiple of 16 (default 480)")
     r.add_argument("--width", type=int, default=720, help="width in px, multiple of 16 (default 720)")
     r.add_argument("--start", type=int, default=0, help="first frame index (default 0)")

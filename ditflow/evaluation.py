@@ -55,6 +55,7 @@ from .jobs import (
     read_reference,
     reference_motion,
 )
+from .layout import MIN_FRAMES, largest_frame_count
 from .video import write_video
 
 #: Method name → the GuidanceConfig fields it sets over the base config (Table 1 rows).
@@ -100,10 +101,9 @@ def clip_frame_count(frames: tuple[int, int, int], max_frames: int | None = None
     n = len(range(start, end, step))
     if max_frames is not None:
         n = min(n, max_frames)
-    count = (n - 1) // 4 * 4 + 1 if n > 0 else 0
-    if count < 5:
+    if n < MIN_FRAMES:
         raise DiTFlowError(f"frame range [{start}, {end}, {step}] gives {n} frame(s); at least 5 are needed (4k+1).")
-    return count
+    return largest_frame_count(n, cap=n)
 
 
 def _short(value) -> str:

@@ -15,6 +15,7 @@ import enum
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from .config import GuidanceConfig, Mode
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError, collected_warnings, collecting_warnings
 from .files import write_json
-from .layout import PATCH_SIZE, token_grid, video_frames
+from .layout import MIN_FRAMES, NATIVE_FRAMES, PATCH_SIZE, largest_frame_count, token_grid, video_frames
 from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
 from .outputs import OutputSet
 from .reference import (
@@ -38,7 +39,7 @@ from .reference import (
 )
 from .sampler import Callback, SampleResult, sample
 from .text import encode_prompt
-from .video import FOLDER_FPS, check_fps, load_video, prepare_reference, write_video
+from .video import FOLDER_FPS, check_fps, load_video, prepare_reference, selectable_frames, write_video
 
 
 @dataclass(frozen=True)
@@ -61,11 +62,20 @@ class ModelOptions:
     gradient_checkpointing: str = "auto"
 
 
+#: ``ReferenceOptions.num_frames`` value that takes as many frames as the clip gives (see :func:`read_reference`).
+AUTO = "auto"
+
+
 @dataclass(frozen=True)
 class ReferenceOptions:
-    """Which frames of the reference video, at which size (video pixels, 4k+1 frames)."""
+    """Which frames of the reference video, at which size (video pixels, 4k+1 frames).
 
-    num_frames: int = 49
+    ``num_frames`` is a 4k+1 count or :data:`AUTO`: the largest 4k+1 the clip gives from ``start`` with ``stride``,
+    at most :data:`~ditflow.layout.NATIVE_FRAMES` (49, the native count of CogVideoX-2b and -5b, the only
+    families :func:`~ditflow.loading.load_cogvideox` accepts).
+    """
+
+    num_frames: int | str = AUTO
     height: int = 480
     width: int = 720
     start: int = 0
@@ -183,13 +193,37 @@ def generate(
     return out_frames, result
 
 
-def read_reference(video: str | os.PathLike, reference: ReferenceOptions):
-    """Loads ``video`` and picks/fits its frames per ``reference``: (frames ``[F, 3, H, W]`` in [-1, 1], fps)."""
+def read_reference(video: str | os.PathLike, reference: ReferenceOptions, log: Callable[[str], None] | None = None):
+    """Loads ``video`` and picks/fits its frames per ``reference``: (frames ``[F, 3, H, W]`` in [-1, 1], fps).
+
+    With ``num_frames`` :data:`AUTO` the count chosen is ``F`` and is said through ``log`` (one line).
+
+    Raises:
+        DiTFlowError: unreadable video, bad selection or size, or (auto) fewer than 5 frames to take.
+    """
+    auto = reference.num_frames == AUTO
+    if not auto and not isinstance(reference.num_frames, int):
+        raise DiTFlowError(f"num_frames must be a 4k+1 count or {AUTO!r}, got {reference.num_frames!r}.")
+    wanted = NATIVE_FRAMES if auto else reference.num_frames
     # Decode only up to the last frame used: long clips would otherwise cost T·H·W·12 bytes for nothing.
-    last = reference.start + reference.stride * (reference.num_frames - 1) + 1
+    last = reference.start + reference.stride * (wanted - 1) + 1
     frames, src_fps = load_video(video, max_frames=max(1, last))
+    num_frames = reference.num_frames
+    if auto:
+        available = selectable_frames(frames.shape[0], reference.start, reference.stride)
+        if available < MIN_FRAMES:
+            raise DiTFlowError(
+                f"{Path(video).name} gives {available} frame(s) from frame {reference.start} with stride "
+                f"{reference.stride}, and motion transfer needs at least {MIN_FRAMES}; use a longer clip, an "
+                "earlier start or a smaller stride."
+            )
+        num_frames = largest_frame_count(available)
+        if log is not None:
+            gives = f"at least {available}" if available >= NATIVE_FRAMES else f"{available}"
+            log(f"num-frames auto: {num_frames} (the clip gives {gives} from frame {reference.start} with stride "
+                f"{reference.stride}; the largest 4k+1, at most the models' native {NATIVE_FRAMES})")
     ref_frames = prepare_reference(
-        frames, height=reference.height, width=reference.width, num_frames=reference.num_frames,
+        frames, height=reference.height, width=reference.width, num_frames=num_frames,
         start=reference.start, stride=reference.stride, resize=reference.resize,
     )
     return ref_frames, src_fps
@@ -230,14 +264,15 @@ def transfer(
     fps: float | None = None,
     overwrite: bool = False,
     callback: Callback | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Motion transfer end to end; publishes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
     ``rope``/``posemb``, ``embeds.safetensors`` as ``out_dir`` (see the module docstring). Returns the run record
     (``run.json``'s content).
 
-    ``log`` (a ``str`` callback) gets the memory plan (:func:`load_for_run`); the record's ``memory`` holds it
-    with the peak GPU memory.
+    ``log`` (a ``str`` callback) gets one-line notes for the user: the frame count ``auto`` chose and the memory plan
+    (:func:`load_for_run`). The record keeps the requested ``reference.num_frames`` and the count used
+    (``settings.num_frames``), and in ``memory`` the plan with the peak GPU memory.
 
     Args:
         fps: frame rate of the written videos (default: the reference's over ``reference.stride``).
@@ -251,7 +286,7 @@ def transfer(
     with out as folder:
         timings = {}
         tic = time.perf_counter()
-        ref_frames, src_fps = read_reference(video, reference)
+        ref_frames, src_fps = read_reference(video, reference, log=log)
         timings["read_video"] = time.perf_counter() - tic
         out_fps = _output_fps(fps, src_fps, reference, video)
 
@@ -275,8 +310,9 @@ def transfer(
 
         settings = {
             "model": dataclasses.asdict(model), "model_family": cog.family, "video": str(video), "prompt": prompt,
-            "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference), "seed": seed,
-            "fps": out_fps, "frames_written": int(out_frames.shape[0]),
+            "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference),
+            "num_frames": int(ref_frames.shape[0]), "seed": seed, "fps": out_fps,
+            "frames_written": int(out_frames.shape[0]),
         }
         record = _record("transfer", settings, resolved, result, timings, memory_record(plan, model.device))
         writers = {
@@ -345,6 +381,6 @@ def inject(
 
 
 __all__ = [
-    "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run", "memory_record",
+    "AUTO", "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run", "memory_record",
     "read_reference", "reference_motion", "transfer",
 ]

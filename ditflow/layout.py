@@ -19,6 +19,8 @@ PATCH_SIZE = 2
 PIXELS_PER_PATCH = SPATIAL_COMPRESSION * PATCH_SIZE
 #: Fewest video frames DiTFlow takes: 5 → 2 latent frames, the least with a frame pair to move between.
 MIN_FRAMES = TEMPORAL_COMPRESSION + 1
+#: Video frames CogVideoX-2b and -5b were trained on (``sample_frames`` in their transformer configs): 13 latent frames.
+NATIVE_FRAMES = 49
 
 
 def latent_frames(num_frames: int) -> int:
@@ -30,6 +32,25 @@ def latent_frames(num_frames: int) -> int:
 def video_frames(num_latent_frames: int) -> int:
     """Video frames decoded from ``num_latent_frames`` latent frames: 4·(f − 1) + 1."""
     return (num_latent_frames - 1) * TEMPORAL_COMPRESSION + 1
+
+
+def largest_frame_count(available: int, cap: int = NATIVE_FRAMES) -> int:
+    """The largest 4k+1 ≤ ``min(available, cap)``: how many frames ``auto`` takes from a clip (57 → 49, 24 → 21).
+
+    Args:
+        available: frames the clip offers (after any start / stride selection).
+        cap: upper bound, default :data:`NATIVE_FRAMES` (longer clips are cut, not squeezed).
+    Raises:
+        DiTFlowError: if that is fewer than :data:`MIN_FRAMES` (the message gives ``available``).
+    """
+    n = min(available, cap)
+    count = (n - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1 if n > 0 else 0
+    if count < MIN_FRAMES:
+        raise DiTFlowError(
+            f"only {max(available, 0)} frame(s) are available, and motion needs at least {MIN_FRAMES} "
+            "(4k+1); use a longer clip, an earlier start or a smaller stride."
+        )
+    return count
 
 
 def check_frame_count(num_frames: int) -> None:
@@ -95,12 +116,14 @@ def frames_to_image(frames: Tensor) -> Tensor:
 
 __all__ = [
     "MIN_FRAMES",
+    "NATIVE_FRAMES",
     "PIXELS_PER_PATCH",
     "check_frame_count",
     "check_size",
     "from_comfy_latent",
     "frames_to_image",
     "image_to_frames",
+    "largest_frame_count",
     "latent_frames",
     "to_comfy_latent",
     "token_grid",

@@ -197,6 +197,11 @@ def _resize(frames: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
+def selectable_frames(total: int, start: int, stride: int) -> int:
+    """How many frames ``start``, ``start + stride``, ... a clip of ``total`` frames holds (0 if start ≥ total)."""
+    return (total - 1 - start) // stride + 1 if 0 <= start < total and stride >= 1 else 0
+
+
 def prepare_reference(
     frames: Tensor,
     *,
@@ -235,7 +240,7 @@ def prepare_reference(
     if start < 0 or stride < 1:
         raise DiTFlowError(f"start must be ≥ 0 and stride ≥ 1, got start={start}, stride={stride}.")
     total = frames.shape[0]
-    available = (total - 1 - start) // stride + 1 if start < total else 0
+    available = selectable_frames(total, start, stride)
     if available < num_frames:
         fit = (available - 1) // TEMPORAL_COMPRESSION * TEMPORAL_COMPRESSION + 1 if available >= MIN_FRAMES else 0
         hint = f"num_frames={fit}" if fit else "an earlier start"
@@ -345,5 +350,7 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
     return path
 
 
-__all__ = ["FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "load_video", "prepare_reference",
-           "write_video"]
+__all__ = [
+    "FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "load_video", "prepare_reference",
+    "selectable_frames", "write_video",
+]

@@ -76,6 +76,13 @@ def pan_clip(tmp_path_factory) -> Path:
     return write_video(tmp_path_factory.mktemp("clip") / "pan.mp4", frames, 8.0)
 
 
+@pytest.fixture(scope="session")
+def example_clip_path() -> Path:
+    """The clip the README's first command uses: ``examples/big_buck_bunny.mp4`` (854×480, 57 frames, 25 fps), a cut
+    of Big Buck Bunny (© Blender Foundation, CC BY 3.0) shipped in the repository; ``examples/README.md``."""
+    return Path(__file__).resolve().parents[1] / "examples" / "big_buck_bunny.mp4"
+
+
 # --- Tiny CogVideoX models (ditflow.testing.tiny_model) ------------------------------------------------------------
 # Tests never reach the Hugging Face hub: set before diffusers / transformers / huggingface_hub are imported.
 import os as _os

@@ -152,3 +152,17 @@ def test_help_documents_every_option():
     for option in ("--mode", "--guidance-blocks", "--temperature", "--kv-injection", "--lr-end", "--stride",
                    "--offload", "--gradient-checkpointing"):
         assert option in text
+
+
+def test_num_frames_defaults_to_auto_and_says_so(tiny_5b_path, example_clip_path, tmp_path, capsys):
+    # The example clip has 57 frames; stride 6 keeps frames 0, 6, …, 54 → 10 → auto takes 9 (the largest 4k+1).
+    out = tmp_path / "out"
+    args = [a for a in TINY if a not in ("--num-frames", "9")]
+    assert main(["transfer", "--model", str(tiny_5b_path), "--video", str(example_clip_path), "--prompt", "a bunny",
+                 "--out", str(out), "--mode", "none", "--stride", "6", *args]) == 0
+    err = capsys.readouterr().err
+    assert "num-frames auto: 9 (the clip gives 10 from frame 0 with stride 6;" in err
+    assert _frames(out / "result.mp4") == (9, 64, 96)
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["reference"]["num_frames"] == "auto" and run["settings"]["num_frames"] == 9
+    assert run["settings"]["fps"] == pytest.approx(25 / 6)

@@ -312,3 +312,57 @@ def test_real_footage_loads_and_fits(real_clip_path):
     ref = prepare_reference(frames, height=64, width=96, num_frames=9, stride=2)
     assert ref.shape == (9, 3, 64, 96) and ref.dtype == torch.float32
     assert ref.min() >= -1 and ref.max() <= 1
+
+
+def test_the_shipped_example_clip_is_real_short_and_attributed(example_clip_path):
+    assert example_clip_path.stat().st_size <= 2_000_000
+    frames, fps = load_video(example_clip_path)
+    assert frames.shape == (57, 3, 480, 854) and fps == pytest.approx(25.0)
+    assert frames.std() > 0.1 and (frames[1:] - frames[:-1]).abs().mean() > 0.01  # a picture that moves
+    notice = (example_clip_path.parent / "README.md").read_text()
+    for required in ("Big Buck Bunny", "Blender Foundation", "CC BY 3.0", "creativecommons.org/licenses/by/3.0"):
+        assert required in notice
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Frame count "auto"
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("available", "expected"), [(57, 49), (49, 49), (48, 45), (24, 21), (10, 9), (5, 5)])
+def test_auto_takes_the_largest_4k_plus_1_up_to_the_native_49(available, expected):
+    from ditflow.layout import largest_frame_count
+
+    assert largest_frame_count(available) == expected
+    assert largest_frame_count(available, cap=9) == min(expected, 9)
+
+
+@pytest.mark.parametrize("available", [4, 1, 0])
+def test_auto_refuses_clips_too_short_for_motion(available):
+    from ditflow.layout import largest_frame_count
+
+    with pytest.raises(DiTFlowError, match=rf"only {available} frame\(s\) are available.*at least 5"):
+        largest_frame_count(available)
+
+
+@pytest.mark.parametrize(("start", "stride", "expected"), [(0, 1, 49), (0, 6, 9), (8, 1, 49), (20, 2, 17)])
+def test_read_reference_auto_on_the_example_clip(example_clip_path, start, stride, expected):
+    # 57 frames: from 0 → 57 (capped at 49); stride 6 → 10 → 9; from 8 → 49; from 20 with stride 2 → 19 → 17.
+    from ditflow.jobs import ReferenceOptions, read_reference
+
+    notes = []
+    options = ReferenceOptions(num_frames="auto", height=32, width=48, start=start, stride=stride)
+    frames, fps = read_reference(example_clip_path, options, log=notes.append)
+    assert frames.shape == (expected, 3, 32, 48) and fps == pytest.approx(25.0)
+    (note,) = notes
+    assert note.startswith(f"num-frames auto: {expected} ") and f"from frame {start} with stride {stride}" in note
+
+
+def test_read_reference_auto_refuses_a_selection_too_short_for_motion(example_clip_path):
+    from ditflow.jobs import ReferenceOptions, read_reference
+
+    notes = []
+    options = ReferenceOptions(num_frames="auto", height=32, width=48, start=50, stride=3)  # frames 50, 53, 56
+    with pytest.raises(DiTFlowError, match=r"gives 3 frame\(s\) from frame 50 with stride 3.*at least 5"):
+        read_reference(example_clip_path, options, log=notes.append)
+    assert notes == []
