@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Command line: ``python -m ditflow {transfer,inject,evaluate,bench-eval,poke,fpt-convert} ...``; ``--help`` on each documents every
-option.
+"""Command line: ``python -m ditflow {transfer,inject,download,evaluate,bench-eval,poke,fpt-convert} ...``;
+``--help`` on each documents every option.
 
 Bad input ends with one line ``error: ...`` and exit status 2, no traceback; progress goes to stderr. Ctrl-C or
 SIGTERM end with exit status 130 and a line that says what was written.
@@ -44,8 +44,9 @@ def _frame_count(text: str) -> int | str:
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="diffusers-format CogVideoX folder (model_index.json, transformer/, "
-                   "vae/, text_encoder/, tokenizer/, scheduler/) or a hub id where the hub is reachable")
+    g.add_argument("--model", required=True, help="a hub id (THUDM/CogVideoX-5b or -2b: taken from the Hugging Face "
+                   "cache, missing files downloaded, configs and safetensors only) or a diffusers-format CogVideoX "
+                   "folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="model precision (default bf16; the 2B weights are fp16); optimised tensors are fp32 anyway")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -138,6 +139,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(i)
     i.add_argument("--embeds", required=True, help="embeds.safetensors written by 'transfer'")
     _add_sampling_args(i, steps=False)
+
+    d = sub.add_parser("download", help="fetch a CogVideoX model from the Hugging Face hub (configs and safetensors)",
+                       description="Downloads what is missing of a hub model (configs, safetensors weights and the "
+                       "tokenizer; never pickled .bin files) into the Hugging Face cache or --dir, with progress bars; "
+                       "rerunning resumes an interrupted download. Prints the folder.")
+    d.add_argument("model", help="hub id, e.g. THUDM/CogVideoX-5b (≈ 21 GB) or THUDM/CogVideoX-2b (≈ 13 GB)")
+    d.add_argument("--dir", default=None, help="write a plain folder there (e.g. ComfyUI/models/CogVideo/CogVideoX-5b) "
+                   "instead of the Hugging Face cache")
+    d.add_argument("--without-text-encoder", action="store_true",
+                   help="kijai's layout: transformer/ vae/ scheduler/ only (≈ 9.5 GB less), for use with a "
+                   "single-file T5-XXL (ComfyUI's models/text_encoders, --text-encoder)")
 
     e = sub.add_parser("evaluate", help="Motion Fidelity (and CLIP image quality) of a generated video",
                        description="Prints MF of --generated against --reference (DiTFlow §5.1, SMM's metric) and "
@@ -303,6 +315,13 @@ def _evaluate(args) -> None:
     print(f"IQ {clip_score(gen, args.prompt, model=model, processor=processor):.4f}  (CLIP ViT-B/32, mean over frames)")
 
 
+def _download(args) -> None:
+    from .hub import SUBFOLDERS, download
+
+    subfolders = ("scheduler", "vae", "transformer") if args.without_text_encoder else SUBFOLDERS
+    print(download(args.model, local_dir=args.dir, subfolders=subfolders, log=_log))
+
+
 def _bench(args) -> None:
     from .evaluation import BenchOptions, run_benchmark
 
@@ -428,6 +447,8 @@ def _run(args, jobs) -> dict | None:
     """Runs the command; returns the run record of ``transfer`` / ``inject``."""
     if args.command in ("poke", "fpt-convert"):
         _fpt(args)
+    elif args.command == "download":
+        _download(args)
     elif args.command == "evaluate":
         _evaluate(args)
     elif args.command == "bench-eval":

@@ -101,12 +101,14 @@ def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleRes
     }
 
 
-def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: GuidanceConfig, *, log=None):
+def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: GuidanceConfig, *,
+                 log: Callable[[str], None] | None = None):
     """Loads the model and settles its memory plan for a run of ``config`` at the latent ``grid`` (F, h, w).
 
     The free memory is read before any weight reaches the device and the peak-memory counter restarts; the
     networks load on the CPU, then stay there between uses (``sequential``) or move to the device for good
-    (``none``). ``log`` (a ``str`` callback) gets the two choices and their reasons.
+    (``none``). ``log`` (a ``str`` callback) gets a line before a hub download, and the two choices and their
+    reasons.
 
     Returns:
         (:class:`~ditflow.loading.CogVideoX`, :class:`~ditflow.memory.MemoryPlan`).
@@ -116,7 +118,7 @@ def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: Guid
     free = free_bytes(options.device)
     reset_peak(options.device)
     cog = load_cogvideox(options.path, dtype=options.dtype, device=options.device, vae_tiling=options.vae_tiling,
-                         vae_slicing=options.vae_slicing, offload=True)
+                         vae_slicing=options.vae_slicing, offload=True, log=log)
     estimate = estimate_memory(cog, grid, config.resolved(cog.family, cog.num_blocks))
     plan = plan_memory(estimate, free, offload=options.offload, gradient_checkpointing=options.gradient_checkpointing,
                        on_cpu=torch.device(options.device).type == "cpu")
@@ -340,7 +342,7 @@ def inject(
     fps: float | None = None,
     overwrite: bool = False,
     callback: Callback | None = None,
-    log=None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
     """Zero-shot generation with saved positional embeddings and a new prompt (no reference, no optimisation).
 

@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import os
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +50,6 @@ _DTYPES = {
     "float": torch.float32,
 }
 
-# A hub id is "owner/name"; anything else that is not an existing folder is a missing local path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,19 +248,33 @@ def detect_family(transformer_config: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _resolve(path: str | os.PathLike) -> tuple[str, Path | None]:
-    """``(source for from_pretrained, local folder or None for a hub id)``; raises for a missing local folder."""
+def _resolve(path: str | os.PathLike, components: tuple[str, ...], log: Callable[[str], None] | None) -> Path:
+    """The local folder of ``path``: the folder itself, or a hub id's snapshot in the cache (fetching what the
+    components need, see :mod:`ditflow.hub`); raises for a missing local folder."""
+    from . import hub
+
     text = os.fspath(path)
-    local = Path(text).expanduser()
-    if local.is_dir():
-        return str(local), local
-    if _HUB_ID.match(text) and not local.exists():
-        return text, None
-    raise DiTFlowError(f"model folder {text} does not exist; {_LAYOUT}.")
+    if not Path(text).expanduser().is_dir() and not hub.is_hub_id(text):
+        raise DiTFlowError(f"model folder {text} does not exist; {_LAYOUT}.")
+    subfolders = [sub for sub in hub.SUBFOLDERS if sub in components or sub in ("scheduler", "transformer")]
+    return hub.resolve_model(text, subfolders=subfolders, log=log)
 
 
 def _check_layout(root: Path, components: tuple[str, ...]) -> None:
-    """Raises :class:`DiTFlowError` naming every missing subfolder / config / safetensors file under ``root``."""
+    """Raises :class:`DiTFlowError` naming every missing subfolder / config / safetensors file under ``root`` (for a
+    snapshot in the hub cache, also how to complete it)."""
+    from .hub import incomplete_hint
+
+    try:
+        _check_files(root, components)
+    except DiTFlowError as exc:
+        hint = incomplete_hint(root)
+        if hint is None:
+            raise
+        raise DiTFlowError(f"{str(exc).rstrip('.')}; {hint}.") from None
+
+
+def _check_files(root: Path, components: tuple[str, ...]) -> None:
     if (root / "config.json").is_file() and not (root / "transformer").is_dir():
         raise DiTFlowError(
             f"{root} looks like one component's subfolder, not a whole model; give its parent folder ({_LAYOUT})."
@@ -290,46 +301,30 @@ def _check_layout(root: Path, components: tuple[str, ...]) -> None:
         raise DiTFlowError(f"{tok} has neither spiece.model nor tokenizer.json; {_LAYOUT}.")
 
 
-def _read_config(source: str, local: Path | None, subfolder: str, name: str) -> dict:
-    """One component's JSON config, from the folder or (hub id) through diffusers' config loader.
-
-    Raises :class:`DiTFlowError` naming the file when it is unreadable, not JSON, or not a JSON object.
-    """
-    if local is not None:
-        path = local / subfolder / name
-        config = read_json(path)
-        if not isinstance(config, dict):
-            raise DiTFlowError(
-                f"{path} is not a JSON object but a {type(config).__name__}; re-download {subfolder}/ from the "
-                "model's Hugging Face repository."
-            )
-        return config
-    from diffusers.configuration_utils import ConfigMixin
-
-    class _Reader(ConfigMixin):
-        config_name = name
-
-    try:
-        return dict(_Reader.load_config(source, subfolder=subfolder))
-    except Exception as exc:  # hub errors come in many types (offline, 404, gated); one message for all
+def _read_config(local: Path, subfolder: str, name: str) -> dict:
+    """One component's JSON config; raises :class:`DiTFlowError` naming the file when it is unreadable, not JSON, or
+    not a JSON object."""
+    path = local / subfolder / name
+    config = read_json(path)
+    if not isinstance(config, dict):
         raise DiTFlowError(
-            f"{source} is not a local folder and could not be read from the Hugging Face hub ({type(exc).__name__}); "
-            f"download it first, {_LAYOUT}."
-        ) from exc
+            f"{path} is not a JSON object but a {type(config).__name__}; re-download {subfolder}/ from the "
+            "model's Hugging Face repository."
+        )
+    return config
 
 
-def _checked_config(source: str, local: Path | None, kind: str) -> dict:
+def _checked_config(local: Path, kind: str) -> dict:
     """``kind``'s config, checked (:func:`ditflow.checkpoint.check_config`)."""
     name = "scheduler_config.json" if kind == "scheduler" else "config.json"
-    config = _read_config(source, local, kind, name)
-    return check_config(kind, config, (local if local is not None else Path(source)) / kind / name)
+    return check_config(kind, _read_config(local, kind, name), local / kind / name)
 
 
-def _load_tokenizer(source: str, local: Path | None):
+def _load_tokenizer(source: str, local: Path):
     """The checkpoint's T5 tokenizer; checks the SentencePiece backend is present and words are not all unknown."""
     from transformers import AutoTokenizer
 
-    needs_spm = local is None or not (local / "tokenizer" / "tokenizer.json").is_file()
+    needs_spm = not (local / "tokenizer" / "tokenizer.json").is_file()
     if needs_spm:
         modules = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
         lacking = [package for package, module in modules.items() if importlib.util.find_spec(module) is None]
@@ -338,12 +333,9 @@ def _load_tokenizer(source: str, local: Path | None):
                 f"the CogVideoX tokenizer (spiece.model) needs the Python packages {' and '.join(lacking)}; "
                 f"install them with: pip install {' '.join(lacking)}."
             )
-    folder = local / "tokenizer" if local is not None else f"{source}/tokenizer"
+    folder = local / "tokenizer"
     try:
-        if local is not None:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a damaged spiece.model surfaces as protobuf, tiktoken or OS errors
         raise DiTFlowError(
             f"the tokenizer in {folder} cannot be loaded ({type(e).__name__}), so its spiece.model or JSON files "
@@ -400,6 +392,7 @@ def load_cogvideox(
     vae_slicing: bool = False,
     components: tuple[str, ...] | list[str] = COMPONENTS,
     offload: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> CogVideoX:
     """Loads CogVideoX-2b or -5b from a diffusers folder (or a hub id) for DiTFlow.
 
@@ -408,8 +401,8 @@ def load_cogvideox(
 
     Args:
         path: a local folder laid out like ``THUDM/CogVideoX-5b`` (``model_index.json`` + ``transformer/ vae/
-            text_encoder/ tokenizer/ scheduler/``), or a hub id ``owner/name`` when no such folder exists (then
-            diffusers / transformers resolve it through their cache or the hub).
+            text_encoder/ tokenizer/ scheduler/``), or a hub id ``owner/name`` when no such folder exists: its
+            snapshot in the Hugging Face cache, after fetching what the components need (:mod:`ditflow.hub`).
         dtype: ``"bf16"``, ``"fp16"``, ``"fp32"`` or a torch dtype; all models are loaded in it (the 5b weights
             are bf16 and the 2b weights fp16 on disk), except that transformers keeps T5's feed-forward output
             layers (``wo``) in fp32 under fp16.
@@ -420,47 +413,44 @@ def load_cogvideox(
         components: which of ``transformer``, ``vae``, ``text_encoder``, ``tokenizer`` to load; the others are
             ``None``. The transformer and scheduler configs are always read.
         offload: keep the networks on the CPU between uses (sequential offload; see :meth:`CogVideoX.on_device`).
+        log: receives a line before a hub download starts.
     Returns:
         :class:`CogVideoX` with the models in eval mode and ``requires_grad`` off.
     Raises:
         DiTFlowError: missing folder, missing subfolder / config / safetensors, unsupported family (raised from
-            the config before any weights are read), unknown dtype or component, or a tokenizer that cannot load.
+            the config before any weights are read), unknown dtype or component, a tokenizer that cannot load, or
+            a hub id that is not in the cache and cannot be downloaded (offline: how to download it).
     """
     torch_dtype = parse_dtype(dtype)
     components = tuple(components)
     unknown = [c for c in components if c not in COMPONENTS]
     if unknown:
         raise DiTFlowError(f"unknown component(s) {', '.join(unknown)}; choose from {', '.join(COMPONENTS)}.")
-    source, local = _resolve(path)
     compute_device = None
     if offload and torch.device(device).type != "cpu":
         compute_device, device = str(device), "cpu"
 
-    # 1. Configs first: refuse unsupported variants before reading any weights.
-    if local is not None:
-        _check_layout(local, components)
-    transformer_config = _read_config(source, local, "transformer", "config.json")
+    # 1. A local folder (a hub id is fetched into the cache first), then its configs: unsupported variants are
+    #    refused before any weights are read.
+    source = os.fspath(path)
+    local = _resolve(path, components, log)
+    _check_layout(local, components)
+    transformer_config = _read_config(local, "transformer", "config.json")
     family = detect_family(transformer_config)
-    configs = {"transformer": _checked_config(source, local, "transformer")}
-    configs.update({c: _checked_config(source, local, c) for c in ("vae", "text_encoder") if c in components})
-    scheduler_config = _checked_config(source, local, "scheduler")
-    build_scheduler(family, scheduler_config, source)
-    if local is not None:  # headers, sizes, shard indexes, names and shapes: before any tensor is read
-        for kind, config in configs.items():
-            if kind in components:
-                check_weights(local / kind, kind, config)
+    configs = {"transformer": _checked_config(local, "transformer")}
+    configs.update({c: _checked_config(local, c) for c in ("vae", "text_encoder") if c in components})
+    scheduler_config = _checked_config(local, "scheduler")
+    build_scheduler(family, scheduler_config, str(local))
+    for kind, config in configs.items():  # headers, sizes, shard indexes, names and shapes: before any tensor is read
+        if kind in components:
+            check_weights(local / kind, kind, config)
 
     # 2. Weights, outside inference mode so they are ordinary (differentiable-through) tensors.
-    common = {"use_safetensors": True}
-    if local is None:
-        common["pretrained_model_name_or_path"] = source
     with torch.inference_mode(False):
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
         def where(sub: str) -> dict:
-            if local is not None:
-                return {"pretrained_model_name_or_path": str(local / sub), **common}
-            return {"subfolder": sub, **common}
+            return {"pretrained_model_name_or_path": str(local / sub), "use_safetensors": True}
 
         transformer = vae = text_encoder = tokenizer = None
         if "transformer" in components:
@@ -489,8 +479,8 @@ def load_cogvideox(
 
     if vae is not None:
         vae_config = dict(vae.config)
-    elif local is not None and (local / "vae" / "config.json").is_file():
-        vae_config = _checked_config(source, local, "vae")
+    elif (local / "vae" / "config.json").is_file():
+        vae_config = _checked_config(local, "vae")
     else:
         vae_config = None
 

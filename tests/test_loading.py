@@ -298,10 +298,9 @@ def test_missing_folder_is_explained(tmp_path):
         load_cogvideox(tmp_path / "CogVideoX-5b")
 
 
-@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_unreachable_hub_id_is_explained():
-    # HF_HUB_OFFLINE=1 (conftest): the hub is never contacted.
-    with pytest.raises(DiTFlowError, match="not a local folder"):
+    # HF_HUB_OFFLINE=1 (conftest): the hub is never contacted (more in test_hub.py).
+    with pytest.raises(DiTFlowError, match="no-such-model is not in the Hugging Face cache and HF_HUB_OFFLINE is set"):
         load_cogvideox("ditflow-tests/no-such-model")
 
 
