@@ -47,6 +47,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", required=True, help="a hub id (THUDM/CogVideoX-5b or -2b: taken from the Hugging Face "
                    "cache, missing files downloaded, configs and safetensors only) or a diffusers-format CogVideoX "
                    "folder (model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    g.add_argument("--text-encoder", default=None, metavar="FILE",
+                   help="single-file T5-XXL .safetensors (fp16, fp8 or scaled fp8, as ComfyUI's models/text_encoders/"
+                   "t5xxl_fp16.safetensors) instead of the model's text_encoder/; needed for kijai's layout "
+                   "(transformer/ vae/ scheduler/ only)")
+    g.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="T5 tokenizer folder (spiece.model or tokenizer.json) instead of the model's tokenizer/; "
+                   "without either, THUDM/CogVideoX-5b's tokenizer (< 1 MB) is taken from the Hugging Face cache")
     g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="model precision (default bf16; the 2B weights are fp16); optimised tensors are fp32 anyway")
     g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
@@ -361,7 +368,8 @@ def _model_options(args):
     from .jobs import ModelOptions
 
     kw = dict(path=args.model, dtype=args.dtype, vae_tiling=not args.no_vae_tiling, vae_slicing=args.vae_slicing,
-              offload=args.offload, gradient_checkpointing=args.gradient_checkpointing)
+              offload=args.offload, gradient_checkpointing=args.gradient_checkpointing,
+              text_encoder_file=args.text_encoder, tokenizer_path=args.tokenizer)
     if args.device:
         kw["device"] = args.device
     return ModelOptions(**kw)

@@ -117,9 +117,10 @@ def download(
     except Exception as exc:  # offline, unreachable, incomplete snapshot, disk full: one sentence each
         if offline():
             state = "incomplete in" if _in_cache(repo_id, cache_dir, local_dir) else "not in"
+            where = "the Hugging Face cache" if local_dir is None else os.fspath(local_dir)
             raise DiTFlowError(
-                f"{repo_id} is {state} the Hugging Face cache and HF_HUB_OFFLINE is set, so nothing can be "
-                f"downloaded; {_how_to_get(repo_id)}, or unset HF_HUB_OFFLINE."
+                f"{repo_id} is {state} {where} and HF_HUB_OFFLINE is set, so nothing can be downloaded; "
+                f"{_how_to_get(repo_id)}, or unset HF_HUB_OFFLINE."
             ) from None
         raise DiTFlowError(
             f"{repo_id} could not be fetched from the Hugging Face hub ({type(exc).__name__}: "

@@ -60,6 +60,8 @@ class ModelOptions:
     vae_slicing: bool = False
     offload: str = "auto"
     gradient_checkpointing: str = "auto"
+    text_encoder_file: str | None = None  # a single-file T5-XXL (kijai's layout; ditflow.t5_file)
+    tokenizer_path: str | None = None
 
 
 #: ``ReferenceOptions.num_frames`` value that takes as many frames as the clip gives (see :func:`read_reference`).
@@ -118,7 +120,8 @@ def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: Guid
     free = free_bytes(options.device)
     reset_peak(options.device)
     cog = load_cogvideox(options.path, dtype=options.dtype, device=options.device, vae_tiling=options.vae_tiling,
-                         vae_slicing=options.vae_slicing, offload=True, log=log)
+                         vae_slicing=options.vae_slicing, offload=True, text_encoder_file=options.text_encoder_file,
+                         tokenizer_path=options.tokenizer_path, log=log)
     estimate = estimate_memory(cog, grid, config.resolved(cog.family, cog.num_blocks))
     plan = plan_memory(estimate, free, offload=options.offload, gradient_checkpointing=options.gradient_checkpointing,
                        on_cpu=torch.device(options.device).type == "cpu")

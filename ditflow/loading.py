@@ -31,8 +31,11 @@ from .errors import DiTFlowError, quote
 #: Families this pack supports; see :func:`detect_family`.
 FAMILIES = ("2b", "5b")
 
-#: The components :func:`load_cogvideox` can load, each from the subfolder of the same name.
+#: The components :func:`load_cogvideox` can load, each from the subfolder of the same name (the text encoder and
+#: tokenizer may also come from elsewhere: kijai's layout).
 COMPONENTS = ("transformer", "vae", "text_encoder", "tokenizer")
+#: Where the T5 tokenizer comes from when a kijai-layout folder has none and no tokenizer folder is given.
+TOKENIZER_REPO = "THUDM/CogVideoX-5b"
 
 _LAYOUT = (
     "a CogVideoX folder holds model_index.json and the subfolders transformer/ vae/ text_encoder/ tokenizer/ "
@@ -248,25 +251,24 @@ def detect_family(transformer_config: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _resolve(path: str | os.PathLike, components: tuple[str, ...], log: Callable[[str], None] | None) -> Path:
-    """The local folder of ``path``: the folder itself, or a hub id's snapshot in the cache (fetching what the
-    components need, see :mod:`ditflow.hub`); raises for a missing local folder."""
+def _resolve(path: str | os.PathLike, subfolders: list[str], log: Callable[[str], None] | None) -> Path:
+    """The local folder of ``path``: the folder itself, or a hub id's snapshot in the cache (fetching the
+    ``subfolders``, see :mod:`ditflow.hub`); raises for a missing local folder."""
     from . import hub
 
     text = os.fspath(path)
     if not Path(text).expanduser().is_dir() and not hub.is_hub_id(text):
         raise DiTFlowError(f"model folder {text} does not exist; {_LAYOUT}.")
-    subfolders = [sub for sub in hub.SUBFOLDERS if sub in components or sub in ("scheduler", "transformer")]
     return hub.resolve_model(text, subfolders=subfolders, log=log)
 
 
-def _check_layout(root: Path, components: tuple[str, ...]) -> None:
+def _check_layout(root: Path, subfolders: list[str]) -> None:
     """Raises :class:`DiTFlowError` naming every missing subfolder / config / safetensors file under ``root`` (for a
-    snapshot in the hub cache, also how to complete it)."""
+    snapshot in the hub cache, also how to complete it; for kijai's layout, where T5 comes from)."""
     from .hub import incomplete_hint
 
     try:
-        _check_files(root, components)
+        _check_files(root, subfolders)
     except DiTFlowError as exc:
         hint = incomplete_hint(root)
         if hint is None:
@@ -274,15 +276,24 @@ def _check_layout(root: Path, components: tuple[str, ...]) -> None:
         raise DiTFlowError(f"{str(exc).rstrip('.')}; {hint}.") from None
 
 
-def _check_files(root: Path, components: tuple[str, ...]) -> None:
+def _check_files(root: Path, subfolders: list[str]) -> None:
     if (root / "config.json").is_file() and not (root / "transformer").is_dir():
         raise DiTFlowError(
             f"{root} looks like one component's subfolder, not a whole model; give its parent folder ({_LAYOUT})."
         )
+    kijai = (root / "transformer").is_dir() and not (root / "text_encoder").is_dir() and not (root / "tokenizer").is_dir()
+    if "text_encoder" in subfolders and kijai:
+        found = sorted((root.parent.parent / "text_encoders").glob("t5*.safetensors"))
+        example = found[0] if found else "ComfyUI/models/text_encoders/t5xxl_fp16.safetensors"
+        raise DiTFlowError(
+            f"{root} has no text_encoder/ (kijai's layout: transformer/ vae/ scheduler/, T5 kept as one file); give "
+            f"a single-file T5-XXL with --text-encoder (e.g. {example}; in ComfyUI the loader's text_encoder), or "
+            "fetch the full model with `python -m ditflow download THUDM/CogVideoX-5b`."
+        )
     needed = {"transformer": "config.json", "scheduler": "scheduler_config.json"}
-    needed.update({c: "config.json" for c in components if c != "tokenizer"})
+    needed.update({c: "config.json" for c in subfolders if c in ("vae", "text_encoder")})
     order = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
-    wanted = [sub for sub in order if sub in needed or sub in components]
+    wanted = [sub for sub in order if sub in needed or sub in subfolders]
     missing = [f"{sub}/" for sub in wanted if not (root / sub).is_dir()]
     if missing:
         noun = "subfolder" if len(missing) == 1 else "subfolders"
@@ -291,13 +302,13 @@ def _check_files(root: Path, components: tuple[str, ...]) -> None:
         if not (root / sub / name).is_file():
             raise DiTFlowError(f"{root / sub} has no {name}; {_LAYOUT}.")
     for sub in ("transformer", "vae", "text_encoder"):
-        if sub in components and not any((root / sub).glob("*.safetensors")):
+        if sub in subfolders and not any((root / sub).glob("*.safetensors")):
             raise DiTFlowError(
                 f"{root / sub} has no .safetensors weights; only safetensors are loaded (re-download the folder "
                 "from the hub, which ships them)."
             )
     tok = root / "tokenizer"
-    if "tokenizer" in components and not ((tok / "spiece.model").is_file() or (tok / "tokenizer.json").is_file()):
+    if "tokenizer" in subfolders and not ((tok / "spiece.model").is_file() or (tok / "tokenizer.json").is_file()):
         raise DiTFlowError(f"{tok} has neither spiece.model nor tokenizer.json; {_LAYOUT}.")
 
 
@@ -320,11 +331,35 @@ def _checked_config(local: Path, kind: str) -> dict:
     return check_config(kind, _read_config(local, kind, name), local / kind / name)
 
 
-def _load_tokenizer(source: str, local: Path):
+def _tokenizer_folder(local: Path, tokenizer_path: str | os.PathLike | None, log) -> Path:
+    """Where the T5 tokenizer is: ``tokenizer_path``, else ``local/tokenizer``, else (kijai's layout, which has
+    none) THUDM/CogVideoX-5b's ``tokenizer/`` from the hub cache, fetched if missing (< 1 MB; the same T5 vocabulary
+    for 2b and 5b)."""
+    from . import hub
+
+    if tokenizer_path is not None:
+        folder = Path(tokenizer_path).expanduser()
+        if not ((folder / "spiece.model").is_file() or (folder / "tokenizer.json").is_file()):
+            raise DiTFlowError(f"tokenizer folder {folder} has neither spiece.model nor tokenizer.json; give a T5 "
+                               "tokenizer folder (e.g. ComfyUI's comfy/text_encoders/t5_tokenizer).")
+        return folder
+    if (local / "tokenizer").is_dir():
+        return local / "tokenizer"
+    try:
+        return hub.download(TOKENIZER_REPO, subfolders=("tokenizer",), log=log) / "tokenizer"
+    except DiTFlowError as exc:
+        raise DiTFlowError(
+            f"{local} has no tokenizer/ and no T5 tokenizer was given ({str(exc).rstrip('.')}); pass a T5 tokenizer "
+            "folder with --tokenizer (spiece.model or tokenizer.json, such as ComfyUI's comfy/text_encoders/"
+            "t5_tokenizer)."
+        ) from None
+
+
+def _load_tokenizer(source: str, folder: Path):
     """The checkpoint's T5 tokenizer; checks the SentencePiece backend is present and words are not all unknown."""
     from transformers import AutoTokenizer
 
-    needs_spm = not (local / "tokenizer" / "tokenizer.json").is_file()
+    needs_spm = not (folder / "tokenizer.json").is_file()
     if needs_spm:
         modules = {"sentencepiece": "sentencepiece", "protobuf": "google.protobuf"}
         lacking = [package for package, module in modules.items() if importlib.util.find_spec(module) is None]
@@ -333,7 +368,6 @@ def _load_tokenizer(source: str, local: Path):
                 f"the CogVideoX tokenizer (spiece.model) needs the Python packages {' and '.join(lacking)}; "
                 f"install them with: pip install {' '.join(lacking)}."
             )
-    folder = local / "tokenizer"
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a damaged spiece.model surfaces as protobuf, tiktoken or OS errors
@@ -377,6 +411,29 @@ def _explained(source: str, component: str) -> Iterator[None]:
         ) from e
 
 
+def _load_text_encoder(local: Path, text_encoder_file, torch_dtype: torch.dtype):
+    """T5 from ``text_encoder_file`` (:func:`ditflow.t5_file.load_t5_file`) or from ``local/text_encoder``."""
+    if text_encoder_file is not None:
+        from .t5_file import load_t5_file
+
+        return load_t5_file(text_encoder_file, torch_dtype)
+    from transformers import T5EncoderModel
+
+    with _explained(os.fspath(local), "text_encoder"):
+        return T5EncoderModel.from_pretrained(
+            str(local / "text_encoder"), use_safetensors=True, **_transformers_dtype_kwarg(torch_dtype)
+        )
+
+
+def _check_text_dim(text_encoder, transformer_config: dict, where) -> None:
+    d_model, wanted = text_encoder.config.d_model, transformer_config.get("text_embed_dim", 4096)
+    if d_model != wanted:
+        raise DiTFlowError(
+            f"the text encoder in {where} gives {d_model}-dim embeddings but this CogVideoX takes {wanted} (T5-XXL); "
+            "use T5-v1.1-XXL, e.g. t5xxl_fp16.safetensors."
+        )
+
+
 def _freeze(model):
     model.eval()
     model.requires_grad_(False)
@@ -392,6 +449,8 @@ def load_cogvideox(
     vae_slicing: bool = False,
     components: tuple[str, ...] | list[str] = COMPONENTS,
     offload: bool = False,
+    text_encoder_file: str | os.PathLike | None = None,
+    tokenizer_path: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CogVideoX:
     """Loads CogVideoX-2b or -5b from a diffusers folder (or a hub id) for DiTFlow.
@@ -413,6 +472,12 @@ def load_cogvideox(
         components: which of ``transformer``, ``vae``, ``text_encoder``, ``tokenizer`` to load; the others are
             ``None``. The transformer and scheduler configs are always read.
         offload: keep the networks on the CPU between uses (sequential offload; see :meth:`CogVideoX.on_device`).
+        text_encoder_file: a single-file T5-XXL (``t5xxl_fp16.safetensors``, fp8 or scaled fp8, as in ComfyUI's
+            ``models/text_encoders``; :mod:`ditflow.t5_file`) used instead of ``text_encoder/``: kijai's layout
+            (``transformer/ vae/ scheduler/`` only) needs one.
+        tokenizer_path: a T5 tokenizer folder (``spiece.model`` or ``tokenizer.json``) used instead of
+            ``tokenizer/``; without either, THUDM/CogVideoX-5b's tokenizer is taken from the hub cache (fetched
+            when missing).
         log: receives a line before a hub download starts.
     Returns:
         :class:`CogVideoX` with the models in eval mode and ``requires_grad`` off.
@@ -433,12 +498,17 @@ def load_cogvideox(
     # 1. A local folder (a hub id is fetched into the cache first), then its configs: unsupported variants are
     #    refused before any weights are read.
     source = os.fspath(path)
-    local = _resolve(path, components, log)
-    _check_layout(local, components)
+    subfolders = ["scheduler", "transformer", *(c for c in ("vae", "text_encoder", "tokenizer") if c in components)]
+    if text_encoder_file is not None:  # kijai's layout: T5 from one file, its tokenizer from elsewhere
+        subfolders = [sub for sub in subfolders if sub not in ("text_encoder", "tokenizer")]
+    if tokenizer_path is not None and "tokenizer" in subfolders:
+        subfolders.remove("tokenizer")
+    local = _resolve(path, subfolders, log)
+    _check_layout(local, subfolders)
     transformer_config = _read_config(local, "transformer", "config.json")
     family = detect_family(transformer_config)
     configs = {"transformer": _checked_config(local, "transformer")}
-    configs.update({c: _checked_config(local, c) for c in ("vae", "text_encoder") if c in components})
+    configs.update({c: _checked_config(local, c) for c in ("vae", "text_encoder") if c in subfolders})
     scheduler_config = _checked_config(local, "scheduler")
     build_scheduler(family, scheduler_config, str(local))
     for kind, config in configs.items():  # headers, sizes, shard indexes, names and shapes: before any tensor is read
@@ -468,14 +538,15 @@ def load_cogvideox(
             if vae_slicing:
                 vae.enable_slicing()
         if "text_encoder" in components:
-            from transformers import T5EncoderModel
-
-            dtype_kwarg = _transformers_dtype_kwarg(torch_dtype)
-            with _explained(source, "text_encoder"):
-                text_encoder = T5EncoderModel.from_pretrained(**where("text_encoder"), **dtype_kwarg)
-            text_encoder = _freeze(text_encoder.to(device))
+            text_encoder = _freeze(_load_text_encoder(local, text_encoder_file, torch_dtype).to(device))
+            _check_text_dim(text_encoder, transformer_config, text_encoder_file or local / "text_encoder")
         if "tokenizer" in components:
-            tokenizer = _load_tokenizer(source, local)
+            tokenizer = _load_tokenizer(source, _tokenizer_folder(local, tokenizer_path, log))
+            if text_encoder is not None and len(tokenizer) > text_encoder.config.vocab_size:
+                raise DiTFlowError(
+                    f"the tokenizer has {len(tokenizer)} tokens but the T5 text encoder embeds only "
+                    f"{text_encoder.config.vocab_size}; use the tokenizer that belongs to that T5."
+                )
 
     if vae is not None:
         vae_config = dict(vae.config)

@@ -242,16 +242,18 @@ def text_workspace(model) -> int:
     return _TEXT_STATES * model.max_text_seq_length * text_dim * torch.empty((), dtype=model.dtype).element_size()
 
 
-def vae_workspace(model, grid: tuple[int, int, int]) -> int:
+def vae_workspace(model, grid: tuple[int, int, int], tiling: bool | None = None) -> int:
     """Workspace of VAE-encoding or decoding a video of latent ``grid`` (F, h, w), in bytes.
 
-    Tiled (diffusers' ``enable_tiling``, read from the loaded VAE; assumed when none is loaded) the VAE holds one
-    240×360-px tile of one frame slice at a time, else whole frames of one slice.
+    Tiled (``tiling``, as the nodes pass it; ``None``: diffusers' ``enable_tiling`` read from the loaded VAE, assumed
+    when none is loaded) the VAE holds one 240×360-px tile of one frame slice at a time, else whole frames of one
+    slice.
     """
     import torch
 
     frames, h, w = grid
-    tiling = getattr(model.vae, "use_tiling", True) if model.vae is not None else True
+    if tiling is None:
+        tiling = getattr(model.vae, "use_tiling", True) if model.vae is not None else True
     pixels = (8 * model.patch_size * h) * (8 * model.patch_size * w)
     pixels = min(pixels, _VAE_TILE_PIXELS) if tiling else pixels
     slice_frames = min(_VAE_FRAMES_AT_ONCE, 4 * (frames - 1) + 1)

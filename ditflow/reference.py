@@ -11,6 +11,8 @@ when no guidance needs it.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -36,12 +38,29 @@ _VAE_FIX = ("the VAE turns finite inputs into NaN/Inf: its weights are damaged (
             "its dtype overflows (with fp16 try bf16 or fp32)")
 
 
+@contextlib.contextmanager
+def vae_memory(vae, tiling: bool | None = None, slicing: bool | None = None) -> Iterator[None]:
+    """Within the ``with``, diffusers' VAE tiling (spatial tiles: much less memory at 480×720) and slicing (one batch
+    element at a time) as asked; ``None`` leaves a setting as it is. Both are restored afterwards, also on error."""
+    before = (vae.use_tiling, vae.use_slicing)
+    try:
+        if tiling is not None:
+            vae.enable_tiling() if tiling else vae.disable_tiling()
+        if slicing is not None:
+            vae.enable_slicing() if slicing else vae.disable_slicing()
+        yield
+    finally:
+        vae.use_tiling, vae.use_slicing = before
+
+
 @torch.no_grad()
-def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Tensor:
+def encode_video(
+    model, frames: Tensor, *, sample_seed: int | None = None, tiling: bool | None = None, slicing: bool | None = None
+) -> Tensor:
     """Frames ``[F, 3, H, W]`` in [-1, 1] → scaled latents ``[1, (F−1)/4+1, C, H/8, W/8]`` (diffusers layout).
 
     Uses the posterior mean, or a sample drawn with ``torch.Generator().manual_seed(sample_seed)`` — reproducible
-    either way (the authors' script samples without a generator).
+    either way (the authors' script samples without a generator). ``tiling`` / ``slicing``: see :func:`vae_memory`.
 
     Raises:
         DiTFlowError: if the latents come out NaN/Inf (damaged VAE weights) or the VAE's scaling factor is not a
@@ -51,7 +70,7 @@ def encode_video(model, frames: Tensor, *, sample_seed: int | None = None) -> Te
     vae = model.vae
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     x = rearrange(frames.to(device, dtype), "f c h w -> 1 c f h w")  # the VAE's layout
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), vae_memory(vae, tiling, slicing):
         dist = vae.encode(x).latent_dist
         if sample_seed is None:
             z = dist.mode()
@@ -78,8 +97,10 @@ def check_decode_fits(num_latent_frames: int, latent_height: int, latent_width: 
 
 
 @torch.no_grad()
-def decode_latents(model, latents: Tensor) -> Tensor:
+def decode_latents(model, latents: Tensor, *, tiling: bool | None = None, slicing: bool | None = None) -> Tensor:
     """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU.
+
+    ``tiling`` / ``slicing``: see :func:`vae_memory` (``None``: as the VAE is set).
 
     Raises:
         DiTFlowError: if the latents or the decoded frames hold NaN/Inf (which would write a black video), or the
@@ -92,7 +113,7 @@ def decode_latents(model, latents: Tensor) -> Tensor:
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
     check_decode_fits(latents.shape[1], latents.shape[-2], latents.shape[-1])
     z = rearrange(latents.to(device, dtype) / scale, "b f c h w -> b c f h w")
-    with torch.inference_mode(False):
+    with torch.inference_mode(False), vae_memory(vae, tiling, slicing):
         video = vae.decode(z).sample  # [1, 3, F, H, W]
     check_finite(video, "the decoded video", _VAE_FIX, limit=None)
     return rearrange(video[0], "c f h w -> f c h w").float().clamp(-1, 1).cpu()

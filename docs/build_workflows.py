@@ -103,7 +103,7 @@ class Graph:
 PROMPT = ("A person rides a bicycle along a forest trail between tall trees, sunlight through the leaves, "
           "realistic, high detail.")
 NEW_PROMPT = "A fox runs along a snowy forest trail between tall pine trees, soft winter light, realistic."
-MODEL = {"model": "CogVideoX-5b", "precision": "bf16", "vae_tiling": True, "vae_slicing": False}
+MODEL = {"model": "CogVideoX-5b", "precision": "bf16", "text_encoder": "auto", "download_missing": True}
 REFERENCE = {"width": 720, "height": 480, "num_frames": 49, "start": 0, "stride": 1, "resize": "crop"}
 
 
@@ -117,7 +117,7 @@ def sampler_widgets(mode, kv_injection=True):
 def reference_chain(g, note):
     g.add("Note", (20, 20), [note], size=(340, 300))
     load = g.add("DiTFlowLoadCogVideoX", (20, 360), MODEL, size=(320, 150))
-    video = g.add("LoadVideo", (20, 560), ["bmx-trees.mp4", "image"], size=(320, 380))
+    video = g.add("LoadVideo", (20, 560), ["big_buck_bunny.mp4", "image"], size=(320, 380))
     comps = g.add("GetVideoComponents", (400, 640), size=(220, 80))
     text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": PROMPT, "negative_prompt": ""}, size=(400, 260))
     enc = g.add("DiTFlowEncodeReference", (400, 340), REFERENCE, size=(320, 260))
@@ -154,8 +154,10 @@ def t2v_latent():
     g = Graph()
     load, text, enc, amf = reference_chain(g, (
         "DiTFlow motion transfer, mode latent (DiTFlow-z_t: best motion fidelity).\n\n"
-        "1. Put CogVideoX-5b (diffusers folder from THUDM/CogVideoX-5b) in models/CogVideo/CogVideoX-5b.\n"
-        "2. Load a reference clip with at least 49 frames (or lower num_frames / raise stride).\n"
+        "1. The loader downloads CogVideoX-5b into models/CogVideo/CogVideoX-5b on the first run (≈ 21 GB; "
+        "≈ 11.5 GB with a T5-XXL such as t5xxl_fp16.safetensors in models/text_encoders). kijai's downloads work too.\n"
+        "2. Load a reference clip with at least 49 frames (or lower num_frames / raise stride), e.g. "
+        "examples/big_buck_bunny.mp4 from this pack.\n"
         "3. Describe the new scene in the prompt; the motion comes from the reference.\n\n"
         "Paper defaults: 480×720, 49 frames, block 20 (15 on 2B), τ = 2, 50 steps, first 20 % guided, "
         "5 Adam steps, lr 0.002→0.001, KV injection at block 0. On CogVideoX-2b use block 15."))

@@ -16,26 +16,33 @@ class DiTFlowLoadCogVideoX:
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("Transformer, VAE and T5 text encoder, loaded on the offload device (CPU) and moved to the "
                        "GPU by ComfyUI's model management when a node needs them.",)
-    DESCRIPTION = "Loads a diffusers CogVideoX-2b or -5b folder from models/CogVideo for DiTFlow motion transfer."
+    DESCRIPTION = "Loads CogVideoX-2b or -5b from models/CogVideo (downloading it when missing) for DiTFlow."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "model": (paths.model_folders(), {"tooltip": "A folder in models/CogVideo laid out like THUDM/CogVideoX-5b "
-                                              "(model_index.json, transformer/, vae/, text_encoder/, tokenizer/, scheduler/)."}),
+            "model": (paths.model_choices(), {"tooltip": "A folder in models/CogVideo: the diffusers layout of "
+                      "THUDM/CogVideoX-5b, or kijai's (transformer/, vae/, scheduler/ with T5 from models/"
+                      "text_encoders). CogVideoX-5b and -2b are listed even when absent: see download_missing."}),
             "precision": (["bf16", "fp16", "fp32"], {"default": "bf16", "tooltip": "Weight dtype of all three networks. "
                           "bf16 for CogVideoX-5b (its native dtype), fp16 for -2b; fp32 doubles the memory."}),
-            "vae_tiling": ("BOOLEAN", {"default": True, "tooltip": "Encode/decode in spatial tiles: much less memory "
-                           "at 480×720, slightly slower."}),
-            "vae_slicing": ("BOOLEAN", {"default": False, "tooltip": "Encode/decode one batch element at a time."}),
+            "text_encoder": ([paths.AUTO_T5, *paths.t5_files()], {"default": paths.AUTO_T5, "tooltip": "T5-XXL: auto "
+                             "takes the model folder's text_encoder/, else a T5-XXL file from models/text_encoders "
+                             "(t5xxl_fp16 preferred; fp8 and scaled fp8 work, as for Flux and SD3). Or pick a file."}),
+            "download_missing": ("BOOLEAN", {"default": True, "tooltip": "When the CogVideoX-5b/-2b folder is missing, "
+                                 "download THUDM/<name> from the Hugging Face hub into models/CogVideo/<name> "
+                                 "(safetensors and configs; without T5 when a T5 file is used: ≈ 11.5 GB for 5b, "
+                                 "else ≈ 21 GB). Progress in the console; rerunning resumes."}),
         }}
 
-    def load(self, model, precision, vae_tiling, vae_slicing):
+    def load(self, model, precision, text_encoder=paths.AUTO_T5, download_missing=True):
         import comfy.model_management as mm
         from ditflow.loading import load_cogvideox
 
-        bundle = load_cogvideox(paths.model_path(model), dtype=precision, device=mm.unet_offload_device(),
-                                vae_tiling=vae_tiling, vae_slicing=vae_slicing)
+        t5_file = paths.text_encoder_file(text_encoder, paths.model_folder(model))
+        folder = paths.model_path(model, download=download_missing, with_text_encoder=t5_file is None)
+        bundle = load_cogvideox(folder, dtype=precision, device=mm.unet_offload_device(), text_encoder_file=t5_file,
+                                tokenizer_path=paths.tokenizer_folder(folder, t5_file))
         return (DiTFlowModel(bundle),)
 
 
@@ -73,20 +80,26 @@ class DiTFlowDecode:
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("images",)
     OUTPUT_TOOLTIPS = ("Decoded video frames, 4·(latent frames − 1) + 1 of them (49 for 13 latent frames).",)
-    DESCRIPTION = "Decodes a CogVideoX video LATENT into frames with the model's VAE (tiling as set in the loader)."
+    DESCRIPTION = "Decodes a CogVideoX video LATENT into frames with the model's VAE."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("COGVIDEOX", {"tooltip": MODEL_TOOLTIP}),
             "samples": ("LATENT", {"tooltip": "Video latent [B, C, T, H, W] from the DiTFlow Guided Sampler."}),
+            "vae_tiling": ("BOOLEAN", {"default": True, "tooltip": "VAE in spatial tiles: much less memory at "
+                           "480×720, slightly slower (the usual fix for an out-of-memory decode). Changing it reruns "
+                           "only this node."}),
+            "vae_slicing": ("BOOLEAN", {"default": False, "tooltip": "VAE over one batch element at a time; saves "
+                            "memory only for batches (a DiTFlow video is one element)."}),
         }}
 
-    def decode(self, model, samples):
+    def decode(self, model, samples, vae_tiling=True, vae_slicing=False):
         from ditflow.layout import frames_to_image, from_comfy_latent
         from ditflow.memory import vae_workspace
         from ditflow.reference import decode_latents, latent_grid
 
         latents = from_comfy_latent(samples["samples"], model.bundle.vae_scaling_factor)
-        bundle = model.use("vae", memory_required=vae_workspace(model.bundle, latent_grid(model.bundle, latents)))
-        return (frames_to_image(decode_latents(bundle, latents)),)
+        workspace = vae_workspace(model.bundle, latent_grid(model.bundle, latents), tiling=vae_tiling)
+        bundle = model.use("vae", memory_required=workspace)
+        return (frames_to_image(decode_latents(bundle, latents, tiling=vae_tiling, slicing=vae_slicing)),)

@@ -26,17 +26,23 @@ class DiTFlowEncodeReference:
                       "multiple of 16 (CogVideoX native: 720)."}),
             "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Target height in px, "
                        "a multiple of 16 (CogVideoX native: 480)."}),
-            "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "tooltip": "Frames to use, of the form "
-                           "4k+1, at least 5 (CogVideoX native: 49 = 13 latent frames)."}),
+            "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "step": 4, "tooltip": "Frames to use, of "
+                           "the form 4k+1, at least 5 (CogVideoX native: 49 = 13 latent frames)."}),
             "start": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip": "Index of the first frame used "
                       "(0-based)."}),
             "stride": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Step between used frames: 1 keeps "
                        "consecutive frames, 2 every other one (faster motion)."}),
             "resize": (["crop", "stretch", "pad"], {"default": "crop", "tooltip": "crop: cover the size and "
                        "centre-crop; stretch: ignore the aspect ratio; pad: fit inside and pad with black."}),
+            "vae_tiling": ("BOOLEAN", {"default": True, "tooltip": "VAE in spatial tiles: much less memory at "
+                           "480×720, slightly slower (the usual fix for an out-of-memory encode). Changing it reruns "
+                           "only this node."}),
+            "vae_slicing": ("BOOLEAN", {"default": False, "tooltip": "VAE over one batch element at a time; saves "
+                            "memory only for batches (a DiTFlow video is one element)."}),
         }}
 
-    def encode(self, model, images, width, height, num_frames, start, stride, resize):
+    def encode(self, model, images, width, height, num_frames, start, stride, resize, vae_tiling=True,
+               vae_slicing=False):
         import comfy.model_management as mm
         from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent, token_grid
         from ditflow.memory import vae_workspace
@@ -46,8 +52,9 @@ class DiTFlowEncodeReference:
         frames = prepare_reference(image_to_frames(images), height=height, width=width, num_frames=num_frames,
                                    start=start, stride=stride, resize=resize)
         grid = token_grid(frames.shape[0], frames.shape[2], frames.shape[3])
-        bundle = model.use("vae", memory_required=vae_workspace(model.bundle, grid))
-        latents = to_comfy_latent(encode_video(bundle, frames), bundle.vae_scaling_factor)
+        bundle = model.use("vae", memory_required=vae_workspace(model.bundle, grid, tiling=vae_tiling))
+        latents = encode_video(bundle, frames, tiling=vae_tiling, slicing=vae_slicing)
+        latents = to_comfy_latent(latents, bundle.vae_scaling_factor)
         return ({"samples": latents.float().to(mm.intermediate_device())}, frames_to_image(frames))
 
 

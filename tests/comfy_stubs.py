@@ -34,7 +34,9 @@ def _folder_paths(base: str) -> types.ModuleType:
     fp.base_path = base
     fp.models_dir = os.path.join(base, "models")
     fp.output_directory = os.path.join(base, "output")
-    fp.folder_names_and_paths = {}
+    fp.folder_names_and_paths = {  # registered by ComfyUI itself
+        "text_encoders": ([os.path.join(base, "models", "text_encoders")], {".safetensors"}),
+    }
 
     def add_model_folder_path(name, path, is_default=False):
         if name in fp.folder_names_and_paths:
@@ -181,6 +183,7 @@ def _utils() -> types.ModuleType:
 def install(base: str) -> dict[str, types.ModuleType]:
     """Installs the stubs with ``base`` as ComfyUI's base folder (models/, output/ below it); returns them."""
     comfy = types.ModuleType("comfy")
+    comfy.__path__ = [os.path.join(base, "comfy")]  # where the package's data files would be (t5_tokenizer, ...)
     mods = {
         "folder_paths": _folder_paths(base),
         "comfy": comfy,

@@ -32,11 +32,10 @@ pytestmark = pytest.mark.skipif(
     reason=f"needs ComfyUI in {COMFY_HOME} and the harness in {HARNESS}",
 )
 
-# Per node type: widget → tiny value (9 frames → 3 latent frames; 64×96 px → 4×6 patches). VAE tiling is off:
-# diffusers tiles at half the VAE's sample size with a 1/6 overlap, 26 px strides on the tiny VAE (not a multiple
-# of 8), which turns a 64-px frame into 9 latent rows; the real VAE's 200-px strides are fine at 480×720.
+# Per node type: widget → tiny value (9 frames → 3 latent frames; 64×96 px → 4×6 patches). VAE tiling stays on:
+# the tiny VAE keeps the real 480×720 sample size, so 64×96 frames are below its tiling threshold.
 TINY = {
-    "DiTFlowLoadCogVideoX": {"model": "tiny-5b", "precision": "fp32", "vae_tiling": False},  # see below
+    "DiTFlowLoadCogVideoX": {"model": "tiny-5b", "precision": "fp32"},
     "DiTFlowEncodeReference": {"width": 96, "height": 64, "num_frames": 9, "stride": 2},
     "DiTFlowExtractAMF": {"block": 1},
     "DiTFlowGuidedSampler": {"steps": 4, "guidance_fraction": 0.5, "opt_steps": 2, "num_frames": 9, "width": 96,

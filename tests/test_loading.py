@@ -342,3 +342,29 @@ def test_offloaded_components_visit_the_compute_device_only_inside_on_device(tin
     with pytest.raises(RuntimeError, match="boom"), model.on_device("transformer"):
         raise RuntimeError("boom")
     assert moves[-2:] == [("transformer", "cuda:7"), ("transformer", "cpu")]  # back on the CPU after an error
+
+
+def test_vae_tiling_and_slicing_hold_for_one_call_and_are_restored(tiny_models, monkeypatch):
+    """Encode Reference / Decode set them per call (no model reload), and leave the VAE as it was, also on error."""
+    from ditflow.reference import decode_latents, encode_video
+
+    cog = tiny_models["5b"]
+    vae = cog.vae
+    seen = []
+    for method in ("encode", "decode"):
+        original = getattr(vae, method)
+        monkeypatch.setattr(vae, method, lambda *a, _f=original, **k: seen.append((vae.use_tiling, vae.use_slicing))
+                            or _f(*a, **k))
+    before = (vae.use_tiling, vae.use_slicing)
+    latents = encode_video(cog, torch.zeros(5, 3, 64, 96), tiling=True, slicing=True)
+    decode_latents(cog, latents, tiling=False, slicing=True)
+    decode_latents(cog, latents)  # None: as the VAE is set
+    assert seen == [(True, True), (False, True), before] and (vae.use_tiling, vae.use_slicing) == before
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    monkeypatch.setattr(vae, "encode", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        encode_video(cog, torch.zeros(5, 3, 64, 96), tiling=not before[0], slicing=not before[1])
+    assert (vae.use_tiling, vae.use_slicing) == before

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -73,8 +74,7 @@ run = comfy_stubs.run_node
 
 @pytest.fixture(scope="module")
 def models(N):
-    return {v: run(N["DiTFlowLoadCogVideoX"], model=f"tiny-{v}", precision="fp32", vae_tiling=False,
-                   vae_slicing=False)[0] for v in ("5b", "2b")}
+    return {v: run(N["DiTFlowLoadCogVideoX"], model=f"tiny-{v}", precision="fp32")[0] for v in ("5b", "2b")}
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_the_model_combo_lists_folders_from_every_registered_path(N, comfy, tmp_
     fp.add_model_folder_path("CogVideo", str(extra))
     try:
         choices = N["DiTFlowLoadCogVideoX"].INPUT_TYPES()["required"]["model"][0]
-        assert choices == ["tiny-2b", "tiny-5b", "tiny-extra"]
+        assert choices == ["tiny-2b", "tiny-5b", "tiny-extra", "CogVideoX-5b", "CogVideoX-2b"]  # absent: downloadable
     finally:
         fp.folder_names_and_paths["CogVideo"][0].remove(str(extra))
 
@@ -166,6 +166,56 @@ def test_the_cotracker_checkpoint_is_a_choice_from_models_cotracker_never_a_serv
         assert score == pytest.approx(1.0, abs=1e-4)
     finally:
         (folder / "scaled_offline.pth").unlink()
+
+
+@pytest.fixture(scope="module")
+def kijai(comfy):
+    """models/CogVideo/tiny-kijai in kijai's layout (transformer/ vae/ scheduler/), its T5 as
+    models/text_encoders/t5xxl_bf16.safetensors and the tokenizer where ComfyUI keeps its own
+    (comfy/text_encoders/t5_tokenizer); the same weights as tiny-5b."""
+    from ditflow.testing.tiny_model import build_tiny_kijai_model
+
+    base = Path(comfy["folder_paths"].base_path)
+    build_tiny_kijai_model(base / "models" / "CogVideo" / "tiny-kijai", base / "models" / "text_encoders" /
+                           "t5xxl_bf16.safetensors", base / "comfy" / "text_encoders" / "t5_tokenizer", "5b",
+                           t5_weights="bf16")
+    yield base
+    shutil.rmtree(base / "models" / "CogVideo" / "tiny-kijai")
+    shutil.rmtree(base / "models" / "text_encoders")
+
+
+def test_a_kijai_folder_loads_with_t5_from_text_encoders_and_comfys_tokenizer(N, kijai, models):
+    spec = N["DiTFlowLoadCogVideoX"].INPUT_TYPES()["required"]
+    assert "tiny-kijai" in spec["model"][0] and spec["text_encoder"][0] == ["auto", "t5xxl_bf16.safetensors"]
+    for choice in ("auto", "t5xxl_bf16.safetensors"):
+        model = run(N["DiTFlowLoadCogVideoX"], model="tiny-kijai", precision="fp32", text_encoder=choice)[0]
+        assert model.bundle.tokenizer.name_or_path.endswith(os.path.join("comfy", "text_encoders", "t5_tokenizer"))
+        cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="")[0]
+        ref = run(N["DiTFlowTextEncode"], model=models["5b"], prompt="a bmx rider", negative_prompt="")[0]
+        assert torch.equal(cond.cond, ref.cond)  # same T5 weights, same tokenizer: the same embedding
+
+
+def test_an_absent_known_model_is_downloaded_into_models_cogvideo_or_explained(N, kijai, monkeypatch):
+    from ditflow import hub
+
+    spec = N["DiTFlowLoadCogVideoX"].INPUT_TYPES()["required"]
+    assert spec["download_missing"][1]["default"] is True
+    target = str(kijai / "models" / "CogVideo" / "CogVideoX-5b")
+    with pytest.raises(DiTFlowError) as info:  # HF_HUB_OFFLINE (conftest): nothing is fetched
+        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-5b", precision="bf16", download_missing=True)
+    assert str(info.value).startswith(f"THUDM/CogVideoX-5b is not in {target} and HF_HUB_OFFLINE is set")
+    with pytest.raises(DiTFlowError, match=rf"turn on the loader's download_missing, or run `python -m ditflow "
+                       rf"download THUDM/CogVideoX-5b --dir {re.escape(target)}`"):
+        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-5b", precision="bf16", download_missing=False)
+    calls = []
+    monkeypatch.setattr(hub, "download", lambda repo, **kw: calls.append((repo, kw)) or (_ for _ in ()).throw(
+        DiTFlowError("stop here.")))
+    with pytest.raises(DiTFlowError, match="stop here"):
+        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-5b", precision="bf16")
+    # a T5 file is at hand (auto): kijai's download, transformer/ vae/ scheduler/ only, into models/CogVideo/<name>
+    ((repo, kw),) = calls
+    assert repo == "THUDM/CogVideoX-5b" and str(kw["local_dir"]) == target
+    assert tuple(kw["subfolders"]) == ("scheduler", "vae", "transformer")
 
 
 def test_importing_the_pack_loads_no_heavy_module_and_shadows_no_comfy_module():
@@ -423,8 +473,8 @@ def test_embeds_from_another_model_are_refused(N, models, rope_run):
 
 
 def test_missing_model_folder_and_bad_save_inputs_are_refused(N, rope_run):
-    with pytest.raises(DiTFlowError, match="'CogVideoX-5b' was not found in .*CogVideo"):
-        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-5b", precision="bf16", vae_tiling=True, vae_slicing=False)
+    with pytest.raises(DiTFlowError, match="'CogVideoX-7b' was not found in .*CogVideo"):
+        run(N["DiTFlowLoadCogVideoX"], model="CogVideoX-7b", precision="bf16")
     with pytest.raises(DiTFlowError, match="no embeddings to save"):
         run(N["DiTFlowSaveEmbeds"], embeds=None, filename_prefix="ditflow/embeds")
     with pytest.raises(DiTFlowError, match="outside the output folder"):

@@ -210,7 +210,7 @@ def _text_encoder(vocab_size: int):
         num_layers=2,
         num_heads=4,
         relative_attention_num_buckets=8,
-        relative_attention_max_distance=32,
+        relative_attention_max_distance=128,  # as T5 v1.1 (not stored in the weights)
         feed_forward_proj="gated-gelu",  # T5 v1.1, as T5-XXL
         tie_word_embeddings=False,
         dropout_rate=0.1,
@@ -309,6 +309,67 @@ def build_tiny_model(out_dir: str | Path, variant: str = "5b", *, num_layers: in
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+#: Single-file T5 weight formats of ComfyUI's ``models/text_encoders`` that :func:`write_t5_file` writes.
+T5_FILE_WEIGHTS = ("fp16", "bf16", "fp8_e4m3fn", "fp8_e4m3fn_scaled")
+
+
+def write_t5_file(text_encoder_dir: str | Path, out_file: str | Path, weights: str = "fp16", prefix: str = "") -> Path:
+    """Writes a diffusers folder's ``text_encoder/`` as one safetensors file in ComfyUI's T5 layout.
+
+    The keys are transformers' (``shared.weight``, ``encoder.block.{i}…``, ``encoder.final_layer_norm.weight``, no
+    tied ``encoder.embed_tokens.weight``), optionally under ``prefix``. ``fp8_e4m3fn`` stores the linear layers'
+    weights as float8 and the rest as fp16; ``fp8_e4m3fn_scaled`` also divides each by a per-layer float32
+    ``scale_weight`` (max |w| / 448) and adds the ``scaled_fp8`` marker, as ComfyUI's scaled fp8 files do.
+    """
+    from safetensors.torch import load_file, save_file
+
+    if weights not in T5_FILE_WEIGHTS:
+        raise DiTFlowError(f"unknown T5 file weights {weights!r}; choose one of {', '.join(T5_FILE_WEIGHTS)}.")
+    folder = Path(text_encoder_dir)
+    state = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    state.pop("encoder.embed_tokens.weight", None)
+    out = {}
+    fp8, scaled = weights.startswith("fp8"), weights.endswith("_scaled")
+    for name, tensor in state.items():
+        tensor = tensor.float()
+        is_linear = tensor.ndim == 2 and name != "shared.weight" and "relative_attention_bias" not in name
+        if fp8 and is_linear:
+            if scaled:
+                scale = tensor.abs().max() / 448.0
+                out[prefix + name.removesuffix(".weight") + ".scale_weight"] = scale.reshape(())
+                tensor = tensor / scale
+            out[prefix + name] = tensor.to(torch.float8_e4m3fn)
+        else:
+            out[prefix + name] = tensor.to(torch.bfloat16 if weights == "bf16" else torch.float16)
+    if scaled:
+        out[prefix + "scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(out_file))
+    return out_file
+
+
+def build_tiny_kijai_model(
+    out_dir: str | Path, t5_file: str | Path, tokenizer_dir: str | Path, variant: str = "5b", *,
+    t5_weights: str = "fp16", num_layers: int = 4, seed: int = 0,
+) -> Path:
+    """The tiny model in kijai's CogVideoXWrapper layout: ``out_dir/{transformer, vae, scheduler}/`` only, T5 as a
+    single file ``t5_file`` (:func:`write_t5_file`) and its tokenizer folder at ``tokenizer_dir``. Same weights as
+    :func:`build_tiny_model` with the same arguments. Returns ``Path(out_dir)``."""
+    import shutil
+
+    out = build_tiny_model(out_dir, variant, num_layers=num_layers, seed=seed)
+    write_t5_file(out / "text_encoder", t5_file, t5_weights)
+    if Path(tokenizer_dir).exists():
+        shutil.rmtree(tokenizer_dir)
+    shutil.move(str(out / "tokenizer"), str(tokenizer_dir))
+    shutil.rmtree(out / "text_encoder")
+    (out / "model_index.json").unlink()
     return out
 
 
