@@ -21,4 +21,7 @@ try:  # register models/CogVideo and the embeddings folders with ComfyUI (absent
 except ImportError:
     pass
 
-__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+#: Frontend extension (web/ditflow.js): the sampler's 0-or-4k+1 frame widget, Save Embeds' file display.
+WEB_DIRECTORY = "./web"
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -6,6 +6,8 @@ The nodes call these and nothing else converts layouts, so each convention chang
 
 from __future__ import annotations
 
+import logging
+
 from einops import rearrange
 from torch import Tensor
 
@@ -19,6 +21,8 @@ PATCH_SIZE = 2
 PIXELS_PER_PATCH = SPATIAL_COMPRESSION * PATCH_SIZE
 #: Fewest video frames DiTFlow takes: 5 → 2 latent frames, the least with a frame pair to move between.
 MIN_FRAMES = TEMPORAL_COMPRESSION + 1
+#: Latent channels of the CogVideoX VAE (2b and 5b).
+LATENT_CHANNELS = 16
 #: Video frames CogVideoX-2b and -5b were trained on (``sample_frames`` in their transformer configs): 13 latent frames.
 NATIVE_FRAMES = 49
 
@@ -84,12 +88,31 @@ def token_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]
     return latent_frames(num_frames), height // PIXELS_PER_PATCH, width // PIXELS_PER_PATCH
 
 
-def from_comfy_latent(samples: Tensor, scaling_factor: float) -> Tensor:
-    """ComfyUI LATENT ``[B, C, T, H, W]`` raw → diffusers ``[B, F, C, H, W]`` scaled (× ``scaling_factor``)."""
+def from_comfy_latent(samples: Tensor, scaling_factor: float, channels: int = LATENT_CHANNELS) -> Tensor:
+    """ComfyUI LATENT ``[B, C, T, H, W]`` raw → diffusers ``[B, F, C, H, W]`` scaled (× ``scaling_factor``).
+
+    A LATENT from kijai's CogVideoXWrapper (``[B, T, C, H, W]``, already scaled: diffusers' own layout) is taken as it
+    is, with a warning on the ``ditflow`` logger saying so; with T = C = ``channels`` the two layouts cannot be told
+    apart and ComfyUI's is assumed.
+
+    Raises:
+        DiTFlowError: not 5-D (an image latent), or neither axis 1 nor 2 has ``channels`` channels.
+    """
+    shape = list(samples.shape)
     if samples.ndim != 5:
         raise DiTFlowError(
-            f"expected a video LATENT of shape [B, C, T, H, W], got shape {list(samples.shape)}; "
+            f"expected a video LATENT of shape [B, C, T, H, W], got shape {shape}; "
             "connect the output of DiTFlow Encode Reference or the sampler."
+        )
+    if shape[1] != channels and shape[2] == channels:
+        logging.getLogger("ditflow").warning(
+            "DiTFlow: this LATENT %s is [B, T, C, H, W], scaled (kijai's CogVideoXWrapper layout); used as it is. "
+            "ComfyUI video latents are [B, C, T, H, W], raw VAE space.", shape)
+        return samples.contiguous()
+    if shape[1] != channels:
+        raise DiTFlowError(
+            f"this LATENT has shape {shape}: {shape[1]} channels where CogVideoX has {channels} ([B, C, T, H, W]); "
+            "it comes from another model's VAE, so encode the video with DiTFlow Encode Reference."
         )
     return rearrange(samples, "b c t h w -> b t c h w").contiguous() * scaling_factor
 
@@ -115,6 +138,7 @@ def frames_to_image(frames: Tensor) -> Tensor:
 
 
 __all__ = [
+    "LATENT_CHANNELS",
     "MIN_FRAMES",
     "NATIVE_FRAMES",
     "PIXELS_PER_PATCH",

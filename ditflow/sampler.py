@@ -36,7 +36,7 @@ from .embeds import PositionEmbeds
 from .errors import DiTFlowError, check_finite
 from .forward import forward_until
 from .inference_tensors import replace_inference_tensors
-from .layout import token_grid
+from .layout import PIXELS_PER_PATCH, token_grid, video_frames
 from .losses import moft_channels, moft_loss, smm_loss, video_features
 from .positions import owned_sincos, rope_tables, sincos_table, stack_rope, unstack_rope
 from .reference import ReferenceMotion
@@ -44,7 +44,9 @@ from .text import PromptEmbeds
 
 #: ``callback(info)`` gets a dict with the fixed keys ``step`` (0-based denoising step), ``num_steps``,
 #: ``timestep``, ``iteration`` (Adam iteration, or ``None`` after the denoising update), ``loss`` (float or
-#: ``None``) and ``latents`` (``[1, F, C, H, W]``). It may raise to cancel; the model is restored either way.
+#: ``None``), ``latents`` (``[1, F, C, H, W]``) and ``denoised`` (after the denoising update: the scheduler's
+#: prediction of the clean latents, scaled, ``[1, F, C, H, W]``, for previews; ``None`` during Adam iterations).
+#: It may raise to cancel; the model is restored either way.
 Callback = Callable[[dict], None]
 
 
@@ -107,11 +109,12 @@ def _step_kwargs(scheduler, generator) -> dict:
 
 
 def _scheduler_step(scheduler, noise_pred, old_pred, t, t_prev, latents, kwargs):
+    """(next latents, predicted clean latents); the DPM scheduler also needs the previous prediction."""
     from diffusers import CogVideoXDPMScheduler
 
     if isinstance(scheduler, CogVideoXDPMScheduler):
         return scheduler.step(noise_pred, old_pred, t, t_prev, latents, **kwargs, return_dict=False)
-    return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[0], None
+    return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[:2]
 
 
 def _amf_objective(captured, ref_amf, grid, temperature) -> Tensor:
@@ -298,7 +301,8 @@ class _GuidedRun:
             check_finite(param, f"the optimised {what} at {where}, Adam iteration {k + 1}", lr_fix)
             step_losses.append(loss.item())
             if self.callback is not None:
-                self.callback({**info, "iteration": k, "loss": step_losses[-1], "latents": self.latents})
+                self.callback({**info, "iteration": k, "loss": step_losses[-1], "latents": self.latents,
+                               "denoised": None})
         param.requires_grad_(False)
         self.losses.append(step_losses)
         if latent_mode:
@@ -353,7 +357,8 @@ class _GuidedRun:
         self._timed("denoising", tic)
         if self.callback is not None:
             loss = self.losses[-1][-1] if guided and self.optimise else None
-            self.callback({**info, "iteration": None, "loss": loss, "latents": self.latents})
+            self.callback({**info, "iteration": None, "loss": loss, "latents": self.latents,
+                           "denoised": self.old_pred_original})
 
     def result(self, prompt: PromptEmbeds) -> SampleResult:
         embeds = None
@@ -366,6 +371,42 @@ class _GuidedRun:
             )
         return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings,
                             prompt_used=prompt.prompt_used, negative_prompt_used=prompt.negative_prompt_used)
+
+
+def size_from_inputs(
+    num_frames: int, height: int, width: int, *, reference: ReferenceMotion | None = None,
+    embeds: PositionEmbeds | None = None,
+) -> tuple[int, int, int]:
+    """The (frames, height, width) in px to sample, where 0 means "as the connected reference or embeddings".
+
+    Args:
+        num_frames, height, width: requested values, 0 = taken from ``reference`` (its latent grid) or ``embeds``.
+    Returns:
+        the full size; the reference and embeddings are checked against each other by :func:`sample`.
+    Raises:
+        DiTFlowError: a 0 with neither input connected, or a non-zero value that differs from the input's (one
+            sentence naming the value, the input's value and how to fix it).
+    """
+    source = ("reference", reference.grid) if reference is not None else (
+        ("embeddings", embeds.grid) if embeds is not None else None)
+    asked = {"num_frames": num_frames, "height": height, "width": width}
+    if source is None:
+        unset = [name for name, value in asked.items() if value == 0]
+        if unset:
+            raise DiTFlowError(
+                f"{', '.join(unset)} 0 means 'from the reference or embeddings', but neither is connected; set "
+                f"{' and '.join(unset)} (CogVideoX native: 49 frames, height 480, width 720) or connect an AMF."
+            )
+        return num_frames, height, width
+    name, (frames, h, w) = source
+    given = {"num_frames": video_frames(frames), "height": h * PIXELS_PER_PATCH, "width": w * PIXELS_PER_PATCH}
+    for key, value in asked.items():
+        if value not in (0, given[key]):
+            raise DiTFlowError(
+                f"{key} is {value} but the connected {name} has {given[key]}; set {key} to 0 (take it from the "
+                f"{name}) or to {given[key]}."
+            )
+    return given["num_frames"], given["height"], given["width"]
 
 
 def sample(

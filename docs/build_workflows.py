@@ -111,16 +111,16 @@ def sampler_widgets(mode, kv_injection=True):
     """Paper defaults (§5.1): 50 steps, first 20 % guided, 5 Adam steps, lr 0.002 → 0.001, KV injection at 0."""
     return {"mode": mode, "steps": 50, "cfg": 6.0, "seed": 42, "control_after_generate": "fixed",
             "guidance_fraction": 0.2, "opt_steps": 5, "lr_start": 0.002, "lr_end": 0.001,
-            "kv_injection": kv_injection, "kv_block": 0, "num_frames": 49, "width": 720, "height": 480}
+            "kv_injection": kv_injection, "kv_block": 0, "num_frames": 0, "width": 0, "height": 0}  # 0: from the input
 
 
 def reference_chain(g, note):
     g.add("Note", (20, 20), [note], size=(340, 300))
     load = g.add("DiTFlowLoadCogVideoX", (20, 360), MODEL, size=(320, 150))
     video = g.add("LoadVideo", (20, 560), ["big_buck_bunny.mp4", "image"], size=(320, 380))
-    comps = g.add("GetVideoComponents", (400, 640), size=(220, 80))
+    comps = g.add("GetVideoComponents", (400, 700), size=(220, 80))
     text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": PROMPT, "negative_prompt": ""}, size=(400, 260))
-    enc = g.add("DiTFlowEncodeReference", (400, 340), REFERENCE, size=(320, 260))
+    enc = g.add("DiTFlowEncodeReference", (400, 340), REFERENCE, size=(320, 320))
     amf = g.add("DiTFlowExtractAMF", (760, 340), {"block": 20, "temperature": 2.0}, size=(300, 110))
     g.link(video, 0, comps, "video")
     g.link(load, 0, text, "model")
@@ -141,8 +141,8 @@ def guided_sampler(g, load, text, amf, mode):
 
 
 def output_chain(g, load, latent_src, x, prefix):
-    dec = g.add("DiTFlowDecode", (x, 20), size=(260, 80))
-    vid = g.add("CreateVideo", (x, 140), [8], size=(260, 80))
+    dec = g.add("DiTFlowDecode", (x, 20), size=(260, 130))
+    vid = g.add("CreateVideo", (x, 190), [8], size=(260, 80))
     save = g.add("SaveVideo", (x + 300, 20), [prefix, "auto", "auto"], size=(420, 480))
     g.link(load, 0, dec, "model")
     g.link(latent_src, 0, dec, "samples")
@@ -179,7 +179,7 @@ def rope_optimize_and_save():
         "Reuse them zero-shot with a new prompt in ditflow_rope_inject.json (same model, frames, size and steps).\n"
         "On CogVideoX-2b use mode posemb and block 15."))
     sampler = guided_sampler(g, load, text, amf, "rope")
-    save = g.add("DiTFlowSaveEmbeds", (1100, 600), {"filename_prefix": "ditflow/embeds"}, size=(340, 90))
+    save = g.add("DiTFlowSaveEmbeds", (1100, 600), {"filename_prefix": "ditflow/embeds"}, size=(340, 150))
     g.link(sampler, 1, save, "embeds")
     output_chain(g, load, sampler, 1480, "ditflow/rope")
     return g.json()

@@ -7,7 +7,8 @@ components to the compute device (evicting other models if needed) before a node
 offloads them again when something else needs the memory.
 
 Each module is wrapped in a tiny :class:`_Carrier` because ``ModelPatcher`` assigns ``model.device``, which is a
-read-only property on diffusers and transformers models.
+read-only property on diffusers and transformers models. The carrier class takes the name of the network it holds,
+so ComfyUI's console says "Requested to load CogVideoXTransformer3DModel", not the wrapper's name.
 """
 
 from __future__ import annotations
@@ -31,6 +32,18 @@ class _Carrier(torch.nn.Module):
         self.device = device
 
 
+def _carrier(inner: torch.nn.Module, device: torch.device) -> _Carrier:
+    """A :class:`_Carrier` whose class is named after ``inner``'s (ComfyUI logs ``type(model).__name__``)."""
+    name = type(inner).__name__
+    if name not in _CARRIERS:
+        _CARRIERS[name] = type(name, (_Carrier,), {"__doc__": f"{_Carrier.__doc__} ({name})",
+                                                   "__module__": __name__, "__qualname__": name})
+    return _CARRIERS[name](inner, device)
+
+
+_CARRIERS: dict[str, type] = {}
+
+
 class DiTFlowModel:
     """A loaded CogVideoX (``bundle``) and the ``ModelPatcher`` of each of its three networks (``patchers``)."""
 
@@ -39,6 +52,7 @@ class DiTFlowModel:
         import comfy.model_patcher
 
         self.bundle = bundle
+        self._latent_rgb = None
         self.patchers = {}
         for name, (load, offload) in _DEVICES.items():
             module = getattr(bundle, name)
@@ -46,7 +60,7 @@ class DiTFlowModel:
                 continue
             offload_device = getattr(mm, offload)()
             self.patchers[name] = comfy.model_patcher.ModelPatcher(
-                _Carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
+                _carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
             )
 
     def use(self, *names: str, memory_required: int = 0):
@@ -81,6 +95,15 @@ class DiTFlowModel:
             return free, True
         held = sum(p.loaded_size() for p in mm.loaded_models() if p.load_device == device)
         return free + int(held), False
+
+    def latent_rgb(self):
+        """This model's latent → RGB projection for previews (:func:`ditflow.preview.fit_latent_rgb`), fitted on
+        first use with the VAE (brought to its device by model management) and kept."""
+        if self._latent_rgb is None:
+            from ditflow.preview import fit_latent_rgb
+
+            self._latent_rgb = fit_latent_rgb(self.use("vae"))
+        return self._latent_rgb
 
     def __repr__(self) -> str:
         return f"DiTFlowModel({self.bundle.family}, {self.bundle.path}, {self.bundle.dtype})"

@@ -1,23 +1,48 @@
 # SPDX-License-Identifier: Apache-2.0
-"""DiTFlow Guided Sampler: one call to ``ditflow.sampler.sample`` with a progress/cancel callback."""
+"""DiTFlow Guided Sampler: one call to ``ditflow.sampler.sample`` with a progress/preview/cancel callback."""
 
 from __future__ import annotations
 
 from .model_nodes import MODEL_TOOLTIP
 
 
-def _progress(num_steps: int):
-    """A ``sample`` callback: ticks ComfyUI's progress bar per denoising step, logs the AMF loss and lets a cancel
-    from the UI stop the optimisation loop (the library restores the model in ``finally``)."""
+def _previewer(model):
+    """ComfyUI's latent → RGB previewer (``latent_preview``) with this model's own projection, or ``None`` when the
+    server runs without previews (``--preview-method none``, ComfyUI's default)."""
+    import types
+
+    import comfy.model_management as mm
+    import latent_preview
+    from comfy.cli_args import LatentPreviewMethod, args
+
+    if args.preview_method == LatentPreviewMethod.NoPreviews:
+        return None
+    fit = model.latent_rgb()
+    latent_format = types.SimpleNamespace(  # the fields get_previewer reads; no TAESD decoder exists for CogVideoX
+        latent_channels=fit.factors.shape[0], latent_rgb_factors=fit.factors.tolist(),
+        latent_rgb_factors_bias=fit.bias.tolist(), taesd_decoder_name=None,
+    )
+    return latent_preview.get_previewer(mm.get_torch_device(), latent_format)
+
+
+def _progress(num_steps: int, previewer=None, scaling_factor: float = 1.0):
+    """A ``sample`` callback: ticks ComfyUI's progress bar per denoising step with a preview of the predicted clean
+    video's first frame, logs the AMF loss and lets a cancel from the UI stop the optimisation loop (the library
+    restores the model in ``finally``)."""
     import comfy.model_management as mm
     import comfy.utils
+    from ditflow.layout import to_comfy_latent
 
     bar = comfy.utils.ProgressBar(num_steps)
 
     def callback(info: dict) -> None:
         mm.throw_exception_if_processing_interrupted()
         if info["iteration"] is None:
-            bar.update_absolute(info["step"] + 1, info["num_steps"])
+            preview = None
+            if previewer is not None and info.get("denoised") is not None:
+                x0 = to_comfy_latent(info["denoised"], scaling_factor)  # [1, C, T, H, W] raw: what the factors fit
+                preview = previewer.decode_latent_to_preview_image("JPEG", x0)
+            bar.update_absolute(info["step"] + 1, info["num_steps"], preview)
         elif info["loss"] is not None:
             print(f"[DiTFlow] step {info['step'] + 1}/{info['num_steps']} (t={info['timestep']}) "
                   f"iteration {info['iteration'] + 1}: AMF loss {info['loss']:.6f}", flush=True)
@@ -65,12 +90,12 @@ class DiTFlowGuidedSampler:
                                  "keys/values at kv_block by the noised reference's (needs an AMF input; paper: on)."}),
                 "kv_block": ("INT", {"default": 0, "min": 0, "max": 99, "tooltip": "Block for KV injection "
                              "(0-based; authors' default 0)."}),
-                "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "tooltip": "Video frames (4k+1, at least "
-                               "5); used only when neither an AMF nor embeddings fix the size."}),
-                "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "Width in px "
-                          "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
-                "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in px "
-                           "(multiple of 16); used only when neither an AMF nor embeddings fix the size."}),
+                "num_frames": ("INT", {"default": 0, "min": 0, "max": 1025, "step": 4, "tooltip": "Video frames (4k+1, at "
+                               "least 5); 0 = as the connected AMF or embeddings (a different value is an error)."}),
+                "width": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "Width in px (multiple "
+                          "of 16); 0 = as the connected AMF or embeddings (a different value is an error)."}),
+                "height": ("INT", {"default": 0, "min": 0, "max": 4096, "step": 16, "tooltip": "Height in px (multiple "
+                           "of 16); 0 = as the connected AMF or embeddings (a different value is an error)."}),
                 "loss": (["amf", "moft", "smm"], {"default": "amf", "tooltip": "What guidance matches at the "
                          "guidance block: amf = Attention Motion Flow (DiTFlow); moft / smm = the paper's MOFT and "
                          "SMM baselines on the block's output features. Extract the reference with the same loss."}),
@@ -96,7 +121,7 @@ class DiTFlowGuidedSampler:
         from ditflow import GuidanceConfig
         from ditflow.layout import to_comfy_latent
         from ditflow.memory import plan_sampling
-        from ditflow.sampler import sample
+        from ditflow.sampler import sample, size_from_inputs
 
         if embeds is not None:
             steps = embeds.num_inference_steps  # injection replays the saved steps
@@ -105,7 +130,8 @@ class DiTFlowGuidedSampler:
             opt_steps=opt_steps, lr_start=lr_start, lr_end=lr_end, kv_injection_blocks=(kv_block,) if kv_injection else (),
             temperature=amf.temperature if amf is not None and amf.amf else 2.0,
         )
-        size = None if (amf is not None or embeds is not None) else (num_frames, height, width)
+        size = size_from_inputs(num_frames, height, width, reference=amf, embeds=embeds)
+        previewer = _previewer(model)  # may fit the preview projection with the VAE: before the transformer loads
         free, on_cpu = model.available_memory("transformer")
         plan = plan_sampling(model.bundle, config, free, gradient_checkpointing=gradient_checkpointing, on_cpu=on_cpu,
                              reference=amf, embeds=embeds, size=size)
@@ -114,6 +140,6 @@ class DiTFlowGuidedSampler:
         bundle = model.use("transformer", memory_required=plan.workspace_bytes)
         config = dataclasses.replace(config, gradient_checkpointing=plan.gradient_checkpointing)
         result = sample(bundle, conditioning, config, size=size, seed=seed, reference=amf, embeds=embeds,
-                        callback=_progress(steps))
+                        callback=_progress(steps, previewer, bundle.vae_scaling_factor))
         latent = {"samples": to_comfy_latent(result.latents, bundle.vae_scaling_factor).to(mm.intermediate_device())}
         return (latent, result.embeds)

@@ -1,10 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
 """Minimal stand-ins for the ComfyUI modules the nodes touch, so node tests run without ComfyUI.
 
-:func:`install` puts ``folder_paths``, ``comfy``, ``comfy.model_management``, ``comfy.model_patcher`` and
-``comfy.utils`` into ``sys.modules`` (a fixture removes them again). The stubs record what the nodes ask of them:
-``load_models_gpu`` calls (``loaded``) with the working memory each declared (``memory_required``), the devices each
-``ModelPatcher`` was given and progress updates; ``get_free_memory`` reports ``model_management.FREE``. Setting
+:func:`install` puts ``folder_paths``, ``comfy``, ``comfy.model_management``, ``comfy.model_patcher``,
+``comfy.utils``, ``comfy.cli_args`` and ``latent_preview`` into ``sys.modules`` (a fixture removes them again). The
+stubs record what the nodes ask of them: ``load_models_gpu`` calls (``loaded``) with the working memory each declared
+(``memory_required``), the devices each ``ModelPatcher`` was given, progress updates and the preview images they
+carry (``--preview-method auto`` unless a test changes ``comfy.cli_args.args``); ``get_free_memory`` reports
+``model_management.FREE``. Setting
 ``model_management.INTERRUPT = True`` makes the next ``throw_exception_if_processing_interrupted()`` raise, as a
 cancel from the UI does.
 
@@ -16,13 +18,15 @@ loaded yet, and evicting one (``unload_all_models``, ``free_memory``), copies ea
 
 from __future__ import annotations
 
+import enum
 import os
 import sys
 import types
 
 import torch
 
-NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils")
+NAMES = ("folder_paths", "comfy", "comfy.model_management", "comfy.model_patcher", "comfy.utils", "comfy.cli_args",
+         "latent_preview")
 
 
 class InterruptProcessingException(Exception):
@@ -163,6 +167,7 @@ def _model_patcher() -> types.ModuleType:
 def _utils() -> types.ModuleType:
     ut = types.ModuleType("comfy.utils")
     ut.updates = []  # (value, total) of every update_absolute
+    ut.previews = []  # (value, preview) of every update_absolute that carried a preview image
 
     class ProgressBar:
         def __init__(self, total, node_id=None):
@@ -172,12 +177,52 @@ def _utils() -> types.ModuleType:
             self.total = total if total is not None else self.total
             self.current = min(value, self.total)
             ut.updates.append((self.current, self.total))
+            if preview is not None:
+                ut.previews.append((self.current, preview))
 
         def update(self, value):
             self.update_absolute(self.current + value)
 
     ut.ProgressBar = ProgressBar
     return ut
+
+
+def _cli_args() -> types.ModuleType:
+    ca = types.ModuleType("comfy.cli_args")
+
+    class LatentPreviewMethod(enum.Enum):
+        NoPreviews = "none"
+        Auto = "auto"
+        Latent2RGB = "latent2rgb"
+        TAESD = "taesd"
+
+    ca.LatentPreviewMethod = LatentPreviewMethod
+    ca.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.Auto)  # as --preview-method auto
+    return ca
+
+
+def _latent_preview() -> types.ModuleType:
+    """``get_previewer(device, latent_format)``: a previewer that projects ``x0[0, :, 0]`` (the first latent frame)
+    with the format's factors, as ComfyUI's ``Latent2RGBPreviewer`` does, and records every call in ``previews``."""
+    lp = types.ModuleType("latent_preview")
+    lp.formats, lp.previews = [], []  # latent formats asked for; (x0 shape, [3, H, W] preview) per call
+
+    class Previewer:
+        def __init__(self, latent_format):
+            self.factors = torch.tensor(latent_format.latent_rgb_factors)
+            self.bias = torch.tensor(latent_format.latent_rgb_factors_bias)
+
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            rgb = torch.einsum("chw,cr->rhw", x0[0, :, 0].float().cpu(), self.factors) + self.bias.view(3, 1, 1)
+            lp.previews.append((tuple(x0.shape), rgb))
+            return (preview_format, rgb, 512)
+
+    def get_previewer(device, latent_format):
+        lp.formats.append(latent_format)
+        return Previewer(latent_format)
+
+    lp.get_previewer = get_previewer
+    return lp
 
 
 def install(base: str) -> dict[str, types.ModuleType]:
@@ -190,10 +235,13 @@ def install(base: str) -> dict[str, types.ModuleType]:
         "comfy.model_management": _model_management(),
         "comfy.model_patcher": _model_patcher(),
         "comfy.utils": _utils(),
+        "comfy.cli_args": _cli_args(),
+        "latent_preview": _latent_preview(),
     }
     comfy.model_management = mods["comfy.model_management"]
     comfy.model_patcher = mods["comfy.model_patcher"]
     comfy.utils = mods["comfy.utils"]
+    comfy.cli_args = mods["comfy.cli_args"]
     sys.modules.update(mods)
     return mods
 

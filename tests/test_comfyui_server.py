@@ -15,7 +15,9 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -38,8 +40,7 @@ TINY = {
     "DiTFlowLoadCogVideoX": {"model": "tiny-5b", "precision": "fp32"},
     "DiTFlowEncodeReference": {"width": 96, "height": 64, "num_frames": 9, "stride": 2},
     "DiTFlowExtractAMF": {"block": 1},
-    "DiTFlowGuidedSampler": {"steps": 4, "guidance_fraction": 0.5, "opt_steps": 2, "num_frames": 9, "width": 96,
-                             "height": 64},
+    "DiTFlowGuidedSampler": {"steps": 4, "guidance_fraction": 0.5, "opt_steps": 2},  # size 0: from the AMF
     "DiTFlowVisualizeAMF": {"key_frame": 2},
 }
 
@@ -63,8 +64,8 @@ def server(tmp_path_factory, request):
 def comfy_server():
     """Starts ComfyUI with this pack on ``PORT`` (a fresh base folder, yielded) and stops it afterwards."""
     base = COMFY_HOME / "runs" / f"port-{PORT}"
-    started = subprocess.run([str(HARNESS / "start_comfy.sh"), "-n", str(ROOT), "-p", str(PORT)],
-                             capture_output=True, text=True, timeout=180)
+    started = subprocess.run([str(HARNESS / "start_comfy.sh"), "-n", str(ROOT), "-p", str(PORT), "--",
+                              "--preview-method", "auto"], capture_output=True, text=True, timeout=180)
     assert started.returncode == 0, started.stdout + started.stderr
     pid = started.stdout.strip().splitlines()[-1]
     try:
@@ -73,8 +74,8 @@ def comfy_server():
         subprocess.run([str(HARNESS / "stop_comfy.sh"), pid], capture_output=True, timeout=60)
 
 
-def run_workflow(name: str, tmp_path: Path, overrides: dict | None = None) -> dict:
-    """Converts ``workflows/<name>.json`` to API format, shrinks it, runs it; returns the harness report."""
+def tiny_prompt(name: str, tmp_path: Path, overrides: dict | None = None) -> Path:
+    """``workflows/<name>.json`` converted to API format by the harness and shrunk (TINY); returns its path."""
     api_path = tmp_path / f"{name}_api.json"
     tool = [sys.executable, str(HARNESS / "run_api_workflow.py"), "--server", URL]
     conv = subprocess.run([*tool, str(WORKFLOWS / f"{name}.json"), "--convert-only", str(api_path)],
@@ -87,6 +88,13 @@ def run_workflow(name: str, tmp_path: Path, overrides: dict | None = None) -> di
         if node["class_type"] == "LoadVideo":
             node["inputs"]["file"] = "reference.mp4"
     api_path.write_text(json.dumps(prompt))
+    return api_path
+
+
+def run_workflow(name: str, tmp_path: Path, overrides: dict | None = None) -> dict:
+    """Converts ``workflows/<name>.json`` to API format, shrinks it, runs it; returns the harness report."""
+    api_path = tiny_prompt(name, tmp_path, overrides)
+    tool = [sys.executable, str(HARNESS / "run_api_workflow.py"), "--server", URL]
     done = subprocess.run([*tool, str(api_path), "--timeout", "600"], capture_output=True, text=True, timeout=660)
     report = json.loads(done.stdout)
     assert done.returncode == 0, json.dumps(report, indent=1)[:4000]
@@ -137,6 +145,71 @@ def test_rope_workflow_saves_embeds_and_inject_workflow_replays_them(server, tmp
     print(f"ditflow_rope_inject: execution_ms={report['timing'].get('execution_ms')}")
     assert [video_frames(v) for v in saved_videos(report, server["base"])] == [9]
     assert "AMF loss" in server["log"].read_text()  # the rope run printed its optimisation losses
+
+
+def run_watching_the_socket(api_path: Path, timeout: float = 600) -> dict:
+    """Queues an API prompt as the browser does (a websocket client id) and counts what the socket carries until the
+    prompt finishes: ``previews`` (binary preview-image events: types 1 and 4 of ComfyUI's protocol), ``progress``
+    (node → progress events) and ``executed`` (node → its ``ui`` output)."""
+    websocket = pytest.importorskip("websocket")  # websocket-client, requirements-test.txt
+    client_id = uuid.uuid4().hex
+    ws = websocket.create_connection(f"ws://127.0.0.1:{PORT}/ws?clientId={client_id}", timeout=timeout)
+    try:
+        body = json.dumps({"prompt": json.loads(api_path.read_text()), "client_id": client_id}).encode()
+        request = urllib.request.Request(f"{URL}/prompt", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request) as r:
+            prompt_id = json.load(r)["prompt_id"]
+        seen = {"previews": 0, "progress": {}, "executed": {}, "error": None}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            opcode, data = ws.recv_data()
+            if opcode == websocket.ABNF.OPCODE_BINARY:
+                seen["previews"] += int.from_bytes(data[:4], "big") in (1, 4)  # PREVIEW_IMAGE(_WITH_METADATA)
+                continue
+            message = json.loads(data)
+            kind, info = message.get("type"), message.get("data", {})
+            if info.get("prompt_id") not in (None, prompt_id):
+                continue
+            if kind == "progress":
+                seen["progress"][info["node"]] = seen["progress"].get(info["node"], 0) + 1
+            elif kind == "executed":
+                seen["executed"][info["node"]] = info["output"]
+            elif kind == "execution_error":
+                seen["error"] = info
+                return seen
+            elif kind == "executing" and info.get("node") is None:
+                return seen
+        raise AssertionError(f"prompt {prompt_id} did not finish in {timeout} s")
+    finally:
+        ws.close()
+
+
+def test_the_sampler_shows_live_previews_and_the_console_names_the_networks(server, tmp_path):
+    """--preview-method auto (the fixture's server): ComfyUI's latent_preview sends a preview image per step."""
+    api = tiny_prompt("ditflow_t2v_latent", tmp_path, {"DiTFlowGuidedSampler": {"steps": 3, "opt_steps": 1}})
+    seen = run_watching_the_socket(api)
+    assert seen["error"] is None, seen["error"]
+    sampler = next(k for k, v in json.loads(api.read_text()).items() if v["class_type"] == "DiTFlowGuidedSampler")
+    print(f"preview events: {seen['previews']}, progress events of the sampler: {seen['progress'].get(sampler)}")
+    assert seen["previews"] >= 3 and seen["progress"].get(sampler, 0) >= 3
+    log = server["log"].read_text()
+    for network in ("CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX", "T5EncoderModel"):
+        assert f"Requested to load {network}" in log
+    assert "_Carrier" not in log
+
+
+def test_save_embeds_reports_its_file_to_the_ui_and_the_extension_is_served(server, tmp_path):
+    with urllib.request.urlopen(f"{URL}/extensions/{ROOT.name}/ditflow.js") as r:
+        script = r.read().decode()
+    assert "DiTFlowSaveEmbeds" in script and "snapFrames" in script
+    api = tiny_prompt("ditflow_rope_optimize_and_save", tmp_path,
+                      {"DiTFlowSaveEmbeds": {"filename_prefix": "ditflow/ui_check"}})
+    seen = run_watching_the_socket(api)
+    assert seen["error"] is None, seen["error"]
+    save = next(k for k, v in json.loads(api.read_text()).items() if v["class_type"] == "DiTFlowSaveEmbeds")
+    (text,) = seen["executed"][save]["text"]
+    assert text == os.path.join("ditflow", "ui_check_00001_.safetensors")
+    assert (server["base"] / "output" / text).is_file()
 
 
 def test_a_library_error_reaches_the_ui_as_one_sentence(server, tmp_path):

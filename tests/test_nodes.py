@@ -91,12 +91,15 @@ def chain_5b(N, models, reference_image):
 @pytest.fixture(scope="module")
 def rope_run(N, comfy, chain_5b):
     """One rope-mode sampler run on tiny-5b (4 steps, 2 guided × 2 Adam iterations), with what the stubs saw."""
-    mm, utils = comfy["comfy.model_management"], comfy["comfy.utils"]
+    mm, utils, lp = comfy["comfy.model_management"], comfy["comfy.utils"], comfy["latent_preview"]
     mm.loaded.clear()
     utils.updates.clear()
+    utils.previews.clear()
+    lp.previews.clear()
     latent, embeds = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"],
                          mode="rope", amf=chain_5b["amf"], **FAST)
-    return {"latent": latent, "embeds": embeds, "loaded": list(mm.loaded), "updates": list(utils.updates)}
+    return {"latent": latent, "embeds": embeds, "loaded": list(mm.loaded), "updates": list(utils.updates),
+            "previews": list(utils.previews), "previewed": list(lp.previews)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -252,7 +255,8 @@ def test_rope_chain_on_5b_optimises_saves_loads_and_injects(N, comfy, chain_5b, 
     assert chain_5b["amf"].blocks == (1,) and chain_5b["amf"].grid == (3, 4, 6)
 
     latent, embeds = rope_run["latent"], rope_run["embeds"]
-    assert [[p.model.inner for p in ps] for ps, _ in rope_run["loaded"]] == [[model.bundle.transformer]]
+    *fit, sampling = [[p.model.inner for p in ps] for ps, _ in rope_run["loaded"]]
+    assert sampling == [model.bundle.transformer] and fit in ([], [[model.bundle.vae]])  # preview fit: once, VAE
     assert all(full for _, full in rope_run["loaded"])
     assert rope_run["updates"] == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert latent["samples"].shape == (1, 16, 3, 8, 12)
@@ -281,6 +285,71 @@ def test_rope_chain_on_5b_optimises_saves_loads_and_injects(N, comfy, chain_5b, 
     video = run(N["DiTFlowDecode"], model=model, samples=injected)[0]
     assert video.shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert not torch.equal(video, image)
+
+
+def test_sampling_shows_a_live_preview_of_each_denoising_step(N, comfy, chain_5b, rope_run):
+    """Through ComfyUI's latent_preview: one preview per step, the first latent frame of the predicted clean video
+    projected with the model's own latent → RGB fit (ditflow.preview), on the progress bar's update."""
+    lp = comfy["latent_preview"]
+    fit = chain_5b["model"].latent_rgb()
+    assert lp.formats[-1].latent_rgb_factors == fit.factors.tolist() and lp.formats[-1].taesd_decoder_name is None
+    assert [value for value, _ in rope_run["previews"]] == [1, 2, 3, 4]
+    assert [shape for shape, _ in rope_run["previewed"]] == [(1, 16, 3, 8, 12)] * 4  # [B, C, T, H, W], raw
+    first, last = rope_run["previewed"][0][1], rope_run["previewed"][-1][1]
+    assert first.shape == (3, 8, 12) and not torch.equal(first, last)  # the picture changes as sampling goes
+    final = rope_run["latent"]["samples"][0, :, 0]  # the last step's prediction of the clean video is the result
+    torch.testing.assert_close(last.clamp(-1, 1), fit.project(final), atol=1e-4, rtol=0)
+
+
+def test_no_preview_and_no_fit_when_the_server_runs_without_previews(N, comfy, models, monkeypatch):
+    ca, lp, utils = comfy["comfy.cli_args"], comfy["latent_preview"], comfy["comfy.utils"]
+    monkeypatch.setattr(ca.args, "preview_method", ca.LatentPreviewMethod.NoPreviews)
+    model = models["2b"]
+    model._latent_rgb = None
+    utils.previews.clear()
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="x", negative_prompt="")[0]
+    run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="none",
+        **{**FAST, "steps": 2, "num_frames": 5, "width": 32, "height": 48})
+    assert utils.previews == [] and model._latent_rgb is None
+
+
+def test_each_network_is_named_in_comfyuis_model_management(N, models):
+    """ComfyUI logs "Requested to load <class name of the ModelPatcher's model>": the network's, not a wrapper's."""
+    names = {part: type(p.model).__name__ for part, p in models["5b"].patchers.items()}
+    assert names == {"transformer": "CogVideoXTransformer3DModel", "vae": "AutoencoderKLCogVideoX",
+                     "text_encoder": "T5EncoderModel"}
+    assert type(models["5b"].patchers["vae"].model) is type(models["2b"].patchers["vae"].model)  # one class each
+
+
+def test_a_kijai_layout_latent_is_taken_and_said_so_another_models_is_refused(N, chain_5b, caplog):
+    model = chain_5b["model"]
+    latent = chain_5b["latent"]["samples"]  # [1, 16, 3, 8, 12] raw
+    kijai = {"samples": latent.permute(0, 2, 1, 3, 4) * model.bundle.vae_scaling_factor}  # [B, T, C, H, W] scaled
+    ours = run(N["DiTFlowDecode"], model=model, samples=chain_5b["latent"])[0]
+    with caplog.at_level("WARNING", logger="ditflow"):
+        theirs = run(N["DiTFlowDecode"], model=model, samples=kijai)[0]
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert "kijai's CogVideoXWrapper layout" in caplog.text and "[1, 3, 16, 8, 12]" in caplog.text
+    with pytest.raises(DiTFlowError, match=r"4 channels where CogVideoX has 16.*DiTFlow Encode Reference"):
+        run(N["DiTFlowDecode"], model=model, samples={"samples": torch.zeros(1, 4, 3, 8, 12)})
+
+
+def test_the_sampler_takes_frames_and_size_from_the_reference_or_refuses_a_mismatch(N, chain_5b):
+    spec = N["DiTFlowGuidedSampler"].INPUT_TYPES()["required"]
+    assert {k: spec[k][1]["default"] for k in ("num_frames", "width", "height")} == {
+        "num_frames": 0, "width": 0, "height": 0}
+    args = dict(model=chain_5b["model"], conditioning=chain_5b["cond"], mode="none", amf=chain_5b["amf"],
+                **{**FAST, "steps": 2})
+    out = run(N["DiTFlowGuidedSampler"], **{**args, "num_frames": 0, "width": 0, "height": 0})[0]
+    assert out["samples"].shape == (1, 16, 3, 8, 12)  # the reference's 9 × 64 × 96
+    with pytest.raises(DiTFlowError, match=r"num_frames is 49 but the connected reference has 9; set num_frames "
+                       r"to 0 \(take it from the reference\) or to 9"):
+        run(N["DiTFlowGuidedSampler"], **{**args, "num_frames": 49, "width": 0, "height": 0})
+    with pytest.raises(DiTFlowError, match=r"width is 720 but the connected reference has 96"):
+        run(N["DiTFlowGuidedSampler"], **{**args, "num_frames": 0, "width": 720, "height": 0})
+    with pytest.raises(DiTFlowError, match=r"num_frames, width 0 means 'from the reference or embeddings', but "
+                       r"neither is connected"):
+        run(N["DiTFlowGuidedSampler"], **{**args, "amf": None, "num_frames": 0, "width": 0, "height": 64})
 
 
 def test_latent_mode_on_2b(N, models, reference_image):
