@@ -157,7 +157,7 @@ def t2v_latent():
         "1. The loader downloads CogVideoX-5b into models/CogVideo/CogVideoX-5b on the first run (≈ 21 GB; "
         "≈ 11.5 GB with a T5-XXL such as t5xxl_fp16.safetensors in models/text_encoders). kijai's downloads work too.\n"
         "2. Load a reference clip with at least 49 frames (or lower num_frames / raise stride), e.g. "
-        "examples/big_buck_bunny.mp4 from this pack.\n"
+        "assets/big_buck_bunny.mp4 from this pack.\n"
         "3. Describe the new scene in the prompt; the motion comes from the reference.\n\n"
         "Paper defaults: 480×720, 49 frames, block 20 (15 on 2B), τ = 2, 50 steps, first 20 % guided, "
         "5 Adam steps, lr 0.002→0.001, KV injection at block 0. On CogVideoX-2b use block 15."))
@@ -179,7 +179,7 @@ def rope_optimize_and_save():
         "Reuse them zero-shot with a new prompt in ditflow_rope_inject.json (same model, frames, size and steps).\n"
         "On CogVideoX-2b use mode posemb and block 15."))
     sampler = guided_sampler(g, load, text, amf, "rope")
-    save = g.add("DiTFlowSaveEmbeds", (1100, 600), {"filename_prefix": "ditflow/embeds"}, size=(340, 150))
+    save = g.add("DiTFlowSaveEmbeds", (1480, 320), {"filename_prefix": "ditflow/embeds"}, size=(280, 150))
     g.link(sampler, 1, save, "embeds")
     output_chain(g, load, sampler, 1480, "ditflow/rope")
     return g.json()

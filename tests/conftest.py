@@ -78,9 +78,9 @@ def pan_clip(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def example_clip_path() -> Path:
-    """The clip the README's first command uses: ``examples/big_buck_bunny.mp4`` (854×480, 57 frames, 25 fps), a cut
-    of Big Buck Bunny (© Blender Foundation, CC BY 3.0) shipped in the repository; ``examples/README.md``."""
-    return Path(__file__).resolve().parents[1] / "examples" / "big_buck_bunny.mp4"
+    """The clip the README's first command uses: ``assets/big_buck_bunny.mp4`` (854×480, 57 frames, 25 fps), a cut
+    of Big Buck Bunny (© Blender Foundation, CC BY 3.0) shipped in the repository; ``assets/README.md``."""
+    return Path(__file__).resolve().parents[1] / "assets" / "big_buck_bunny.mp4"
 
 
 # --- Tiny CogVideoX models (ditflow.testing.tiny_model) ------------------------------------------------------------

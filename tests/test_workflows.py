@@ -85,3 +85,13 @@ def test_the_builder_reproduces_the_committed_files(ours):
     for name, make in builder.WORKFLOWS.items():
         committed = json.loads((WORKFLOWS[0].parent / f"{name}.json").read_text())
         assert make() == committed, name
+
+
+def test_workflows_is_the_only_folder_comfyui_takes_templates_from():
+    """ComfyUI (app/custom_node_manager.py, 0.3.64) serves the first existing folder of this list as the pack's
+    templates: a second one (an examples/ with media, say) would hide workflows/ and every template would 404."""
+    root = WORKFLOWS[0].parents[1]
+    names = ["example_workflows", "example", "examples", "workflow", "workflows"]
+    assert [n for n in names if (root / n).is_dir()] == ["workflows"]
+    for path in WORKFLOWS:  # the template browser shows <name>.jpg beside each JSON
+        assert path.with_suffix(".jpg").is_file(), path.name

