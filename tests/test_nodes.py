@@ -510,7 +510,8 @@ def test_nodes_declare_working_memory_and_the_sampler_checkpoints_only_when_comf
         mm.memory_required.clear()
         run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="rope", amf=chain_5b["amf"], **FAST)
         assert seen[-1] is expected
-        assert mm.memory_required == [max(sampling, checkpointed if expected else full)]
+        # (the first run also fits the preview projection with the VAE: a 64-px encode that declares nothing)
+        assert [m for m in mm.memory_required if m] == [max(sampling, checkpointed if expected else full)]
         assert f"gradient checkpointing {'on' if expected else 'off'} (" in capsys.readouterr().out
     run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="rope", amf=chain_5b["amf"],
         **FAST, gradient_checkpointing="on")
