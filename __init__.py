@@ -12,14 +12,17 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.append(_here)
 
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
+if __package__:  # ComfyUI imports the pack as a package, whatever its folder is called
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-try:  # register models/CogVideo and the embeddings folders with ComfyUI (absent outside ComfyUI)
-    from .nodes import paths as _paths
+    try:  # register models/CogVideo and the embeddings folders with ComfyUI (absent outside ComfyUI)
+        from .nodes import paths as _paths
 
-    _paths.register()
-except ImportError:
-    pass
+        _paths.register()
+    except ImportError:
+        pass
+else:  # pytest imports this file as a plain module when the checkout's name is no identifier (ComfyUI-DiTFlow)
+    NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS = {}, {}
 
 #: Frontend extension (web/ditflow.js): the sampler's 0-or-4k+1 frame widget, Save Embeds' file display.
 WEB_DIRECTORY = "./web"
