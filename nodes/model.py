@@ -32,7 +32,7 @@ class _Carrier(torch.nn.Module):
         self.device = device
 
 
-def _carrier(inner: torch.nn.Module, device: torch.device) -> _Carrier:
+def carrier(inner: torch.nn.Module, device: torch.device) -> _Carrier:
     """A :class:`_Carrier` whose class is named after ``inner``'s (ComfyUI logs ``type(model).__name__``)."""
     name = type(inner).__name__
     if name not in _CARRIERS:
@@ -60,7 +60,7 @@ class DiTFlowModel:
                 continue
             offload_device = getattr(mm, offload)()
             self.patchers[name] = comfy.model_patcher.ModelPatcher(
-                _carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
+                carrier(module, offload_device), load_device=getattr(mm, load)(), offload_device=offload_device
             )
 
     def use(self, *names: str, memory_required: int = 0):

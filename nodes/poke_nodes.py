@@ -16,7 +16,7 @@ from ditflow.fpt.fields import MODES, PRECISIONS
 from ditflow.fpt.view import FITS
 
 from . import paths
-from .model import _Carrier
+from .model import carrier
 
 MODEL_TOOLTIP = "Flow Poke Transformer from Load FPT."
 EMBEDDING_TOOLTIP = "Image features from FPT Embed Image (computed once per image)."
@@ -41,7 +41,7 @@ class FPTModel:
 
         self.module, self.precision = module, precision
         offload = mm.unet_offload_device()
-        self.patcher = comfy.model_patcher.ModelPatcher(_Carrier(module, offload), load_device=mm.get_torch_device(),
+        self.patcher = comfy.model_patcher.ModelPatcher(carrier(module, offload), load_device=mm.get_torch_device(),
                                                         offload_device=offload)
 
     def use(self):

@@ -51,6 +51,7 @@ def test_the_loader_lists_models_fpt_and_builds_weights_outside_inference_mode(N
     assert N["DiTFlowLoadFPT"].INPUT_TYPES()["required"]["weights"][0] == ["tiny.safetensors"]
     assert not any(p.is_inference() for p in fpt.module.parameters())
     assert fpt.patcher.model.inner is fpt.module
+    assert type(fpt.patcher.model).__name__ == type(fpt.module).__name__  # ComfyUI logs this name
     loader = N["DiTFlowLoadFPT"]
     path = comfy["folder_paths"].get_full_path("fpt", "tiny.safetensors")
     assert loader.IS_CHANGED("tiny.safetensors", "fp32") == os.path.getmtime(path)
