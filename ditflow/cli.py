@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
 import sys
 
-from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Loss, Mode
+from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Loss, Mode, ReferenceOptions
 from .errors import DiTFlowError
 from .memory import CHECKPOINTING, OFFLOAD
 
@@ -73,11 +74,55 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="same as --gradient-checkpointing off")
 
 
+def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> None:
+    """The reference video and how its frames are taken; for ``inject`` (``replay``) everything is optional and
+    defaults to what the embeddings file recorded."""
+    r = p.add_argument_group("reference video" + (" (optional: KV injection in the saved steps)" if replay else ""))
+    if replay:
+        r.add_argument("--video", default=None, help="the reference the embeddings were made from: turns on KV "
+                       "injection (see --kv-injection); frames and size default to those recorded in the embeddings")
+        default = dict(num_frames=None, height=None, width=None, start=None, stride=None, resize=None)
+        note = " (default: as recorded in the embeddings file)"
+    else:
+        r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
+        ref = ReferenceOptions()
+        default = dict(num_frames=ref.num_frames, height=ref.height, width=ref.width, start=ref.start,
+                       stride=ref.stride, resize=ref.resize)
+        note = ""
+    r.add_argument("--num-frames", type=_frame_count, default=default["num_frames"],
+                   help="frames to use, 4k+1 and at least 5, or auto: the largest 4k+1 the clip gives after --start "
+                   "and --stride, at most 49 (the models' native count; the paper runs 24); the choice is printed "
+                   "and kept in run.json" + (note or " (default auto)"))
+    r.add_argument("--height", type=int, default=default["height"], help=f"height in px, multiple of 16{note or ' (default 480)'}")
+    r.add_argument("--width", type=int, default=default["width"], help=f"width in px, multiple of 16{note or ' (default 720)'}")
+    r.add_argument("--start", type=int, default=default["start"], help=f"first frame index{note or ' (default 0)'}")
+    r.add_argument("--stride", type=int, default=default["stride"], help=f"take every n-th frame{note or ' (default 1)'}")
+    r.add_argument("--resize", default=default["resize"], choices=["crop", "stretch", "pad"],
+                   help=f"fit to the size by centre crop keeping aspect, stretch, or pad{note or ' (default crop)'}")
+    r.add_argument("--reference-sample-seed", type=int, default=None,
+                   help="encode the reference with a seeded posterior sample instead of the posterior mean"
+                   + (" (default: as recorded)" if replay else ""))
+
+
+def _reference_options(args, embeds=None):
+    """ReferenceOptions from the command line; for a replay, unset options come from ``embeds`` (if recorded)."""
+    from .jobs import ReferenceOptions, replay_reference
+
+    given = {k: getattr(args, k) for k in ("num_frames", "height", "width", "start", "stride", "resize")}
+    given["sample_seed"] = args.reference_sample_seed
+    if embeds is None:
+        return ReferenceOptions(**given)
+    base = dataclasses.asdict(replay_reference(embeds))
+    return ReferenceOptions(**{**base, **{k: v for k, v in given.items() if v is not None}})
+
+
 def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", required=True, help="target prompt")
     g.add_argument("--negative-prompt", default="", help="negative prompt (default empty, as diffusers)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the initial noise; bit-reproducible on CPU (default 0)")
+    g.add_argument("--seed", type=int, default=0 if steps else None,
+                   help="seed of the initial noise; bit-reproducible on CPU (default "
+                   + ("0)" if steps else "the one recorded in the embeddings file, else 0)"))
     if steps:
         g.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
                        help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
@@ -100,20 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Motion transfer: writes result.mp4, reference.mp4, run.json and, for modes "
                        "rope/posemb, embeds.safetensors into --out.")
     _add_model_args(t)
-    r = t.add_argument_group("reference video")
-    r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
-    r.add_argument("--num-frames", type=_frame_count, default="auto",
-                   help="frames to use, 4k+1 and at least 5, or auto (default): the largest 4k+1 the clip gives "
-                   "after --start and --stride, at most 49 (the models' native count); the choice is printed and "
-                   "kept in run.json")
-    r.add_argument("--height", type=int, default=480, help="height in px, multiple of 16 (default 480)")
-    r.add_argument("--width", type=int, default=720, help="width in px, multiple of 16 (default 720)")
-    r.add_argument("--start", type=int, default=0, help="first frame index (default 0)")
-    r.add_argument("--stride", type=int, default=1, help="take every n-th frame (default 1)")
-    r.add_argument("--resize", default="crop", choices=["crop", "stretch", "pad"],
-                   help="fit to the size by centre crop keeping aspect (default), stretch, or pad")
-    r.add_argument("--reference-sample-seed", type=int, default=None,
-                   help="encode the reference with a seeded posterior sample instead of the posterior mean")
+    _add_reference_args(t)
     _add_sampling_args(t, steps=True)
     g = t.add_argument_group("guidance (paper defaults: DiTFlow §4.3, §5.1)")
     g.add_argument("--mode", default=_DEFAULTS.mode.value, choices=[m.value for m in Mode],
@@ -140,11 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="block(s) where the reference K/V replace the generated ones during guided steps "
                    "(default 0); 'none' turns KV injection off")
 
-    i = sub.add_parser("inject", help="generate with saved positional embeddings and a new prompt (no reference)",
+    i = sub.add_parser("inject", help="generate with saved embeddings and a new prompt (no optimisation)",
                        description="Zero-shot injection of embeddings saved by 'transfer --mode rope|posemb': writes "
-                       "result.mp4 and run.json into --out. Steps and size come from the embeddings file.")
+                       "result.mp4 and run.json into --out. Steps and size come from the embeddings file. With "
+                       "--video (the reference they were made from) the saved steps also run KV injection, as the "
+                       "authors' --inject_embeds does.")
     _add_model_args(i)
     i.add_argument("--embeds", required=True, help="embeds.safetensors written by 'transfer'")
+    _add_reference_args(i, replay=True)
+    i.add_argument("--kv-injection", type=_ints, default=_DEFAULTS.kv_injection_blocks,
+                   help="with --video: block(s) where the reference K/V replace the generated ones in the saved steps "
+                   "(default 0, as the authors' --inject_embeds); 'none' turns KV injection off")
     _add_sampling_args(i, steps=False)
 
     d = sub.add_parser("download", help="fetch a CogVideoX model from the Hugging Face hub (configs and safetensors)",
@@ -468,16 +506,16 @@ def _run(args, jobs) -> dict | None:
             lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
             **_cfg_kwargs(args),
         )
-        reference = jobs.ReferenceOptions(
-            num_frames=args.num_frames, height=args.height, width=args.width, start=args.start,
-            stride=args.stride, resize=args.resize, sample_seed=args.reference_sample_seed,
-        )
+        reference = _reference_options(args)
         return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
                              negative_prompt=args.negative_prompt, reference=reference, config=config, seed=args.seed,
                              fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
     else:
-        config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), **_cfg_kwargs(args))
-        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out,
-                           negative_prompt=args.negative_prompt, config=config, seed=args.seed, fps=args.fps,
-                           overwrite=args.overwrite, callback=_Progress(), log=_log)
+        from .embeds import load_embeds
+
+        config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=args.kv_injection, **_cfg_kwargs(args))
+        reference = _reference_options(args, load_embeds(args.embeds)) if args.video else None
+        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, video=args.video,
+                           reference=reference, negative_prompt=args.negative_prompt, config=config, seed=args.seed,
+                           fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
     return None

@@ -178,3 +178,31 @@ class GuidanceConfig:
             guidance_scale=cfg if self.guidance_scale is None else self.guidance_scale,
             dynamic_cfg=dyn if self.dynamic_cfg is None else self.dynamic_cfg,
         )
+
+
+#: ``ReferenceOptions.num_frames`` value that takes as many frames as the clip gives (see
+#: :func:`~ditflow.jobs.read_reference`).
+AUTO = "auto"
+
+
+@dataclass(frozen=True)
+class ReferenceOptions:
+    """Which frames of the reference video, at which size (video pixels; :func:`~ditflow.video.prepare_reference`).
+
+    Attributes:
+        num_frames: frames used, 4k+1, or :data:`AUTO`: the largest 4k+1 the clip gives from ``start`` with
+            ``stride``, at most :data:`~ditflow.layout.NATIVE_FRAMES` (49, the native count of CogVideoX-2b and -5b;
+            ours — the paper runs 24 input frames).
+        height, width: size in px, multiples of 16 (CogVideoX's native 480×720).
+        start, stride: first frame and step between used frames.
+        resize: ``crop`` (cover and centre-crop, aspect kept), ``stretch`` (the authors' code) or ``pad``.
+        sample_seed: encode with a posterior sample drawn from this seed; ``None`` takes the posterior mean.
+    """
+
+    num_frames: int | str = AUTO
+    height: int = 480
+    width: int = 720
+    start: int = 0
+    stride: int = 1
+    resize: str = "crop"
+    sample_seed: int | None = None

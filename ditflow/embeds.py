@@ -9,19 +9,21 @@ family and grid so a mismatch is refused with both values instead of producing n
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import Tensor
 
-from .config import Mode
+from .config import Mode, ReferenceOptions
 from .errors import DiTFlowError, check_finite
 from .files import atomic_path
 
 FORMAT = "ditflow-position-embeds"
-FORMAT_VERSION = 1
+#: 2 adds ``seed`` and ``reference_options``; version-1 files load with those unknown.
+FORMAT_VERSION = 2
 
 
 @dataclass
@@ -38,6 +40,9 @@ class PositionEmbeds:
         timesteps: the guided timesteps (scheduler values, 0..999), one per table.
         tables: one table per guided step, in step order.
         prompt: the prompt they were optimised with; reference: the reference video's file name.
+        seed: seed of the run's initial noise (a replay uses it unless told otherwise); ``None`` if unknown.
+        reference_options: how the reference frames were taken (:class:`~ditflow.config.ReferenceOptions` as a
+            dict), so that a replay with KV injection reads the same frames at the same size; ``{}`` if unknown.
     """
 
     mode: Mode
@@ -49,6 +54,8 @@ class PositionEmbeds:
     tables: list[Tensor]
     prompt: str = ""
     reference: str = ""
+    seed: int | None = None
+    reference_options: dict = field(default_factory=dict)
 
     def check_values(self, fix: str = "use embeddings saved by a rope/posemb run that finished normally") -> None:
         """Raises :class:`DiTFlowError` naming the guided step if a table holds NaN/Inf or has blown up (RoPE and
@@ -98,7 +105,10 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
         "guided_timesteps": json.dumps(list(embeds.timesteps)),
         "prompt": embeds.prompt[:MAX_TEXT_CHARS],  # clipped so that load_embeds accepts the file
         "reference": embeds.reference[:MAX_TEXT_CHARS],
+        "reference_options": json.dumps(embeds.reference_options),
     }
+    if embeds.seed is not None:
+        meta["seed"] = str(embeds.seed)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -130,6 +140,33 @@ def _int(text: str, name: str, path: Path, hi: int) -> int:
     if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= hi:
         raise DiTFlowError(f"{path} has {name} = {text[:80]!r}, not an integer in 1..{hi}; {_REMAKE}.")
     return int(text)
+
+
+def _seed(path: Path, meta: dict[str, str]) -> int | None:
+    text = meta.get("seed")
+    if text is None:
+        return None
+    if not (text.isascii() and text.isdigit()) or int(text) >= 2**64:
+        raise DiTFlowError(f"{path} has seed = {text[:80]!r}, not an integer in 0..2^64−1; {_REMAKE}.")
+    return int(text)
+
+
+def _reference_options(path: Path, meta: dict[str, str]) -> dict:
+    """The stored reference options: a JSON object of :class:`~ditflow.config.ReferenceOptions` fields and types."""
+    text = meta.get("reference_options", "{}")
+    try:
+        options = json.loads(text)
+    except ValueError:
+        options = None
+    types = {f.name: (str,) if f.name == "resize" else (int, type(None)) if f.name == "sample_seed" else (int,)
+             for f in dataclasses.fields(ReferenceOptions)}
+    bad = "not a JSON object" if not isinstance(options, dict) else next(
+        (f"{k}={v!r}" for k, v in options.items() if k not in types or type(v) not in types[k]), None)
+    if bad:
+        raise DiTFlowError(
+            f"{path} has reference_options = {text[:80]!r} ({bad}: the fields are {', '.join(types)}); {_REMAKE}."
+        )
+    return options
 
 
 def _check_metadata(path: Path, meta: dict[str, str]) -> None:
@@ -187,7 +224,8 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
     The header alone is checked first (cheaply, before any model is loaded): the format tag and version, every
     metadata field's size (at most :data:`MAX_TEXT_CHARS`), the mode and family, a latent grid of positive
     integers within :data:`MAX_GRID`, ``num_inference_steps`` in 1..:data:`MAX_STEPS`, one guided timestep (0..999,
-    decreasing) per table, and each table's name, float dtype and shape for the mode and grid.
+    decreasing) per table, each table's name, float dtype and shape for the mode and grid, the seed (a
+    non-negative integer, if present) and the reference options (known fields of their types, if present).
 
     Raises:
         DiTFlowError: missing file, not a safetensors file (or a damaged one), not a DiTFlow embeddings file, a
@@ -236,4 +274,5 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
     return PositionEmbeds(
         mode=mode, family=meta["model_family"], grid=grid, head_dim=head_dim, num_inference_steps=steps,
         timesteps=timesteps, tables=tables, prompt=meta.get("prompt", ""), reference=meta.get("reference", ""),
+        seed=_seed(path, meta), reference_options=_reference_options(path, meta),
     )

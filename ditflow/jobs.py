@@ -22,11 +22,20 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .config import GuidanceConfig, Mode
+from .config import AUTO, GuidanceConfig, Mode, ReferenceOptions
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError, collected_warnings, collecting_warnings
 from .files import write_json
-from .layout import MIN_FRAMES, NATIVE_FRAMES, PATCH_SIZE, largest_frame_count, token_grid, video_frames
+from .layout import (
+    MIN_FRAMES,
+    NATIVE_FRAMES,
+    PATCH_SIZE,
+    PIXELS_PER_PATCH,
+    largest_frame_count,
+    latent_frames,
+    token_grid,
+    video_frames,
+)
 from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
 from .outputs import OutputSet
 from .reference import (
@@ -64,26 +73,6 @@ class ModelOptions:
     tokenizer_path: str | None = None
 
 
-#: ``ReferenceOptions.num_frames`` value that takes as many frames as the clip gives (see :func:`read_reference`).
-AUTO = "auto"
-
-
-@dataclass(frozen=True)
-class ReferenceOptions:
-    """Which frames of the reference video, at which size (video pixels, 4k+1 frames).
-
-    ``num_frames`` is a 4k+1 count or :data:`AUTO`: the largest 4k+1 the clip gives from ``start`` with ``stride``,
-    at most :data:`~ditflow.layout.NATIVE_FRAMES` (49, the native count of CogVideoX-2b and -5b, the only
-    families :func:`~ditflow.loading.load_cogvideox` accepts).
-    """
-
-    num_frames: int | str = AUTO
-    height: int = 480
-    width: int = 720
-    start: int = 0
-    stride: int = 1
-    resize: str = "crop"
-    sample_seed: int | None = None  # None: posterior mean
 
 
 def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict,
@@ -326,10 +315,35 @@ def transfer(
         }
         if result.embeds is not None:
             result.embeds.reference = Path(video).name
+            # the count read, not "auto": a replay reads the same frames
+            result.embeds.reference_options = dataclasses.asdict(
+                dataclasses.replace(reference, num_frames=int(ref_frames.shape[0])))
             writers["embeds.safetensors"] = lambda p: save_embeds(p, result.embeds)
         writers["run.json"] = lambda p: write_json(p, record)
         _write_all(out, folder, writers)
     return record
+
+
+def replay_reference(embeds: PositionEmbeds, reference: ReferenceOptions | None = None) -> ReferenceOptions:
+    """The reference frames a replay of ``embeds`` reads for KV injection: ``reference`` if given, else the options
+    stored in the file, else the embeddings' own frame count and size (first frames, centre crop).
+
+    Raises:
+        DiTFlowError: if those options give another latent grid than the embeddings' (the message gives both).
+    """
+    frames, h, w = embeds.grid
+    own = ReferenceOptions(num_frames=video_frames(frames), height=h * PIXELS_PER_PATCH, width=w * PIXELS_PER_PATCH)
+    if reference is None:
+        reference = ReferenceOptions(**embeds.reference_options) if embeds.reference_options else own
+    grid = (latent_frames(reference.num_frames), reference.height // PIXELS_PER_PATCH,
+            reference.width // PIXELS_PER_PATCH)
+    if grid != tuple(embeds.grid):
+        raise DiTFlowError(
+            f"the reference for KV injection ({reference.num_frames} frames at {reference.height}×{reference.width} px, "
+            f"latent grid {'×'.join(map(str, grid))}) does not match the embeddings' grid "
+            f"{'×'.join(map(str, embeds.grid))}; use {own.num_frames} frames at {own.height}×{own.width} px."
+        )
+    return reference
 
 
 @collecting_warnings
@@ -339,45 +353,66 @@ def inject(
     prompt: str,
     out_dir: str | os.PathLike,
     *,
+    video: str | os.PathLike | None = None,
+    reference: ReferenceOptions | None = None,
     negative_prompt: str = "",
-    config: GuidanceConfig = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=()),
-    seed: int = 0,
+    config: GuidanceConfig = GuidanceConfig(mode=Mode.NONE),
+    seed: int | None = None,
     fps: float | None = None,
     overwrite: bool = False,
     callback: Callback | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Zero-shot generation with saved positional embeddings and a new prompt (no reference, no optimisation).
+    """Zero-shot generation with saved embeddings and a new prompt (no optimisation).
 
-    The number of steps is the embeddings' (they are tied to its timesteps); ``config`` supplies CFG settings.
+    With ``video`` (the reference the embeddings were made from, read as :func:`replay_reference` says), the saved
+    steps also run KV injection at ``config.kv_injection_blocks`` (default on, as the authors' ``--inject_embeds``;
+    ``()`` turns it off). The number of steps is the embeddings' (they are tied to its timesteps); ``config``
+    supplies CFG and the KV injection blocks. ``seed`` defaults to the seed stored in the file (else 0).
     Publishes ``result.mp4`` and ``run.json`` as ``out_dir`` (see the module docstring); returns the run record.
 
     Args:
         fps: frame rate of the written video (default :data:`~ditflow.video.FOLDER_FPS`, CogVideoX's 8).
         overwrite, log: as for :func:`transfer`.
     Raises:
-        DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model.
+        DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model; a reference of another size.
     """
     fps = FOLDER_FPS if check_fps(fps) is None else fps
-    out = OutputSet(out_dir, overwrite=overwrite, inputs=(embeds_path, model.path))
+    inputs = (embeds_path, model.path) + (() if video is None else (video,))
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=inputs)
     with out as folder:
         timings = {}
         embeds = load_embeds(embeds_path)
         embeds.check_values()  # before the model loads (the sampler checks again, for every caller)
+        seed = seed if seed is not None else (embeds.seed if embeds.seed is not None else 0)
+        inject_kv = video is not None and bool(config.kv_injection_blocks)
+        if inject_kv:
+            reference = replay_reference(embeds, reference)
+            tic = time.perf_counter()
+            ref_frames, _ = read_reference(video, reference)
+            timings["read_video"] = time.perf_counter() - tic
         # Injection replays the saved steps, so the schedule is the embeddings' own.
-        config = dataclasses.replace(
-            config, mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=embeds.num_inference_steps
-        )
+        config = dataclasses.replace(config, mode=Mode.NONE, num_inference_steps=embeds.num_inference_steps,
+                                     kv_injection_blocks=config.kv_injection_blocks if inject_kv else ())
         tic = time.perf_counter()
         cog, plan = load_for_run(model, tuple(embeds.grid), config, log=log)
         timings["load_model"] = time.perf_counter() - tic
-        frames, result = generate(cog, prompt, config, None, negative_prompt=negative_prompt, seed=seed,
+        config = config.resolved(cog.family, cog.num_blocks)
+        motion = None
+        if inject_kv:
+            tic = time.perf_counter()
+            with cog.on_device("vae"):
+                motion = reference_without_amf(cog, encode_video(cog, ref_frames, sample_seed=reference.sample_seed))
+            timings["encode_reference"] = time.perf_counter() - tic
+        frames, result = generate(cog, prompt, config, motion, negative_prompt=negative_prompt, seed=seed,
                                   callback=callback, timings=timings, embeds=embeds)
         settings = {
             "model": dataclasses.asdict(model), "model_family": cog.family, "embeds": str(embeds_path),
             "embeds_prompt": embeds.prompt, "embeds_reference": embeds.reference, "prompt": prompt,
             "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
             "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
+            "video": None if video is None else str(video),
+            "reference": dataclasses.asdict(reference) if inject_kv else None,
         }
         record = _record("inject", settings, config, result, timings, memory_record(plan, model.device))
         _write_all(out, folder, {"result.mp4": lambda p: write_video(p, frames, fps),
@@ -387,5 +422,5 @@ def inject(
 
 __all__ = [
     "AUTO", "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run", "memory_record",
-    "read_reference", "reference_motion", "transfer",
+    "read_reference", "reference_motion", "replay_reference", "transfer",
 ]

@@ -168,6 +168,8 @@ def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
     if embeds is not None:
         embeds.check_compatible(model, grid, config.num_inference_steps)
         embeds.check_values()
+        # A replay's guided window (where KV injection runs) is the saved steps', whatever T_opt says.
+        config = dataclasses.replace(config, guidance_fraction=len(embeds.tables) / config.num_inference_steps)
     return grid, config, optimise
 
 
@@ -186,7 +188,7 @@ class _GuidedRun:
     def __init__(self, model, prompt, config, grid, optimise, seed, reference, embeds, callback):
         from diffusers.utils.torch_utils import randn_tensor
 
-        self.model, self.config, self.grid, self.optimise = model, config, grid, optimise
+        self.model, self.config, self.grid, self.optimise, self.seed = model, config, grid, optimise, seed
         self.embeds, self.callback = embeds, callback
         transformer = self.transformer = model.transformer
         device, dtype = self.device, self.dtype = transformer.device, transformer.dtype
@@ -367,7 +369,7 @@ class _GuidedRun:
                 mode=self.config.mode, family=self.model.family, grid=self.grid, head_dim=self.model.head_dim,
                 num_inference_steps=self.config.num_inference_steps,
                 timesteps=tuple(int(t) for t in self.timesteps[: len(self.saved_tables)]), tables=self.saved_tables,
-                prompt=prompt.prompt,
+                prompt=prompt.prompt, seed=self.seed,
             )
         return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings,
                             prompt_used=prompt.prompt_used, negative_prompt_used=prompt.negative_prompt_used)

@@ -106,7 +106,8 @@ class DiTFlowGuidedSampler:
             },
             "optional": {
                 "amf": ("DITFLOW_AMF", {"tooltip": "Reference motion from DiTFlow Extract AMF: needed by modes "
-                        "latent/rope/posemb and by KV injection."}),
+                        "latent/rope/posemb and by KV injection. With embeddings connected too, it serves KV "
+                        "injection in the saved steps (the authors' zero-shot default; same frames and size)."}),
                 "embeds": ("DITFLOW_EMBEDS", {"tooltip": "Saved positional embeddings (DiTFlow Load Embeds) to "
                            "inject zero-shot with a new prompt: no AMF needed, no optimisation."}),
             },

@@ -14,6 +14,7 @@ import sys
 
 import av
 import pytest
+import torch
 from safetensors import safe_open
 
 from ditflow.cli import main
@@ -65,6 +66,47 @@ def _transfer_then_inject(model_path, video, mode, tmp_path, extra=()):
     assert {p.name for p in written} == {"result.mp4", "reference.mp4", "run.json", "embeds.safetensors"}
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in written} == {p.name: _normal_mode() for p in written}
     return out
+
+
+@pytest.mark.parametrize("family,mode", [("5b", "rope"), ("2b", "posemb")])
+def test_inject_with_the_reference_video_replays_the_run_with_kv_injection(
+    tiny_2b_path, tiny_5b_path, real_clip_path, tmp_path, monkeypatch, family, mode
+):
+    """The authors' --inject_embeds keeps KV injection on: given the reference, a replay with the same prompt and
+    seed is the transfer run itself (same K/V, same ρ, same steps); without it, KV injection is missing.
+
+    Frames are compared as decoded by the VAE, before mp4 encoding (libx264 is not bit-reproducible across runs)."""
+    import ditflow.jobs
+
+    results = []  # the frames of every result.mp4, in the order the runs write them (into a hidden folder first)
+    write = ditflow.jobs.write_video
+    monkeypatch.setattr(ditflow.jobs, "write_video", lambda path, frames, fps: (
+        results.append(frames) if path.name == "result.mp4" else None, write(path, frames, fps))[1])
+    model = str({"2b": tiny_2b_path, "5b": tiny_5b_path}[family])
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", model, "--video", str(real_clip_path), "--prompt", "a leopard running",
+                 "--out", str(out), "--mode", mode, "--seed", "5", "--stride", "3", *TINY]) == 0
+    replay = ["inject", "--model", model, "--embeds", str(out / "embeds.safetensors"), "--prompt", "a leopard running",
+              "--dtype", "fp32", "--device", "cpu"]
+    assert main([*replay, "--video", str(real_clip_path), "--out", str(tmp_path / "kv")]) == 0
+    assert main([*replay, "--out", str(tmp_path / "plain")]) == 0
+    run = json.loads((tmp_path / "kv" / "run.json").read_text())
+    assert run["guidance"]["kv_injection_blocks"] == [0] and run["settings"]["seed"] == 5  # seed from the file
+    assert run["settings"]["reference"]["stride"] == 3  # frames as recorded in the embeddings
+    transfer, with_kv, without = results
+    assert torch.equal(with_kv, transfer)
+    assert not torch.equal(without, transfer)
+
+
+def test_inject_refuses_a_reference_of_another_size(tiny_5b_path, real_clip_path, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", str(tiny_5b_path), "--video", str(real_clip_path), "--prompt", "x",
+                 "--out", str(out), "--mode", "rope", *TINY]) == 0
+    out2 = tmp_path / "out2"
+    err = _error(capsys, ["inject", "--model", str(tiny_5b_path), "--embeds", str(out / "embeds.safetensors"),
+                          "--video", str(real_clip_path), "--height", "128", "--prompt", "y", "--out", str(out2),
+                          "--dtype", "fp32", "--device", "cpu"], out2)
+    assert "3×8×6" in err and "3×4×6" in err and "9 frames at 64×96 px" in err
 
 
 def test_transfer_then_inject_on_bmx_trees_rope(tiny_5b_path, bmx_path, tmp_path):

@@ -352,6 +352,16 @@ def test_the_sampler_takes_frames_and_size_from_the_reference_or_refuses_a_misma
         run(N["DiTFlowGuidedSampler"], **{**args, "amf": None, "num_frames": 0, "width": 0, "height": 64})
 
 
+def test_embeds_with_the_reference_connected_replay_the_run_with_kv_injection(N, chain_5b, rope_run):
+    """Zero-shot with the reference's AMF connected runs KV injection in the saved steps, as the authors'
+    --inject_embeds: with the run's prompt and seed it is the optimising run itself."""
+    kw = dict(model=chain_5b["model"], conditioning=chain_5b["cond"], mode="none", embeds=rope_run["embeds"], **FAST)
+    with_kv = run(N["DiTFlowGuidedSampler"], amf=chain_5b["amf"], **kw)[0]["samples"]
+    without = run(N["DiTFlowGuidedSampler"], **kw)[0]["samples"]
+    assert torch.equal(with_kv, rope_run["latent"]["samples"])
+    assert not torch.equal(without, rope_run["latent"]["samples"])
+
+
 def test_latent_mode_on_2b(N, models, reference_image):
     model = models["2b"]
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="blurry")[0]

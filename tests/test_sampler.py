@@ -88,6 +88,7 @@ def test_saved_embeddings_reinject_exactly(tiny_models, references, tmp_path):
     path = save_embeds(tmp_path / "e.safetensors", first.embeds)
     loaded = load_embeds(path)
     assert loaded.timesteps == first.embeds.timesteps and loaded.grid == first.embeds.grid
+    assert loaded.seed == 5 == first.embeds.seed  # every embeddings file records the run's seed
     replay = sample(model, text, GuidanceConfig(mode="none", kv_injection_blocks=(), num_inference_steps=4),
                     embeds=loaded, seed=5)
     assert torch.equal(replay.latents, first.latents)  # same prompt, seed and tables → the same video
@@ -167,3 +168,26 @@ def test_each_guided_step_gets_a_fresh_adam_at_the_scheduled_lr(tiny_models, ref
     cfg = GuidanceConfig(mode="latent", **{**FAST, "num_inference_steps": 6, "guidance_fraction": 0.5})
     sample(model, encode_prompt(model, "a dog"), cfg, reference=references["5b"])
     assert made == pytest.approx([0.05, 0.035, 0.02]) and made[-1] == 0.02
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"seed": "-1"}, "seed = '-1', not an integer"),
+    ({"seed": "x"}, "seed = 'x', not an integer"),
+    ({"reference_options": '{"frames": 9}'}, r"frames=9: the fields are num_frames"),
+    ({"reference_options": '{"num_frames": "9"}'}, "num_frames='9'"),
+    ({"reference_options": "[9]"}, "not a JSON object"),
+])
+def test_embeddings_with_a_bad_seed_or_reference_options_are_refused(tiny_models, references, tmp_path, meta, message):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ditflow.embeds import load_embeds, save_embeds
+
+    model = tiny_models["5b"]
+    made = sample(model, encode_prompt(model, "x"), GuidanceConfig(mode="rope", **FAST), reference=references["5b"])
+    path = save_embeds(tmp_path / "e.safetensors", made.embeds)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, stored = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file(tensors, str(path), metadata={**stored, **meta})
+    with pytest.raises(DiTFlowError, match=message):
+        load_embeds(path)
