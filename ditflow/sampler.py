@@ -11,10 +11,10 @@ Per denoising step t:
   3. the normal CFG step, cond and uncond batched, with the optimised z_t / embeddings and the injected K/V.
 
 Differs from the authors' script (method.md §6): the last guided step uses exactly ``lr_end``; the model runs in
-its own dtype while optimised tensors stay fp32; the reference K/V pass is skipped when injection is off; cond and
-uncond run as one batch; the loss, the optimised tensor and the latents are checked after every iteration and
-step, and a NaN, Inf or blow-up stops the run with the step, the cause and the fix (the authors' script writes a
-black video). Defaults: :class:`~ditflow.config.GuidanceConfig`.
+its own dtype while optimised tensors stay fp32 (an fp16 model's backward is loss-scaled, :mod:`ditflow.optim`);
+the reference K/V pass is skipped when injection is off; cond and uncond run as one batch; the loss, the optimised
+tensor and the latents are checked after every iteration and step, and a NaN, Inf or blow-up stops the run with the
+step, the cause and the fix (the authors' script writes a black video). Defaults: :class:`~ditflow.config.GuidanceConfig`.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from .forward import forward_until
 from .inference_tensors import replace_inference_tensors
 from .layout import PIXELS_PER_PATCH, token_grid, video_frames
 from .losses import moft_channels, moft_loss, smm_loss, video_features
+from .optim import LossScaler
 from .positions import owned_sincos, rope_tables, sincos_table, stack_rope, unstack_rope
 from .reference import ReferenceMotion
 from .text import PromptEmbeds
@@ -232,6 +233,7 @@ class _GuidedRun:
             self.trainable = self.stock_table.clone()
 
         self.controller = AttentionController()
+        self.scaler = LossScaler(enabled=dtype == torch.float16)  # fp16 gradients underflow without it
         self.saved_tables: list[Tensor] = []
         self.losses: list[list[float]] = []
         self.timings = {"kv_reference": 0.0, "optimisation": 0.0, "denoising": 0.0}
@@ -292,13 +294,15 @@ class _GuidedRun:
                   f"lr_start/lr_end (paper: 0.002 → 0.001)")
         what = {Mode.LATENT: "latents", Mode.ROPE: "RoPE tables", Mode.POSEMB: "sin-cos table"}[self.config.mode]
         for k in range(self.config.opt_steps):
-            with torch.enable_grad():
-                loss = self._loss(param, t, kv)
-                # The first iteration sees inputs already checked: a non-finite loss there is the model's doing.
-                check_finite(loss, f"the guidance loss at {where}, Adam iteration {k + 1}", _MODEL_FIX if k == 0
-                             else lr_fix, limit=None)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
+            done = False
+            while not done:  # recomputed only when an fp16 backward overflowed (the scale was halved)
+                with torch.enable_grad():
+                    loss = self._loss(param, t, kv)
+                    # The first iteration sees inputs already checked: a non-finite loss there is the model's doing.
+                    check_finite(loss, f"the guidance loss at {where}, Adam iteration {k + 1}", _MODEL_FIX if k == 0
+                                 else lr_fix, limit=None)
+                    optimiser.zero_grad(set_to_none=True)
+                    done = self.scaler.backward(loss, param)
             optimiser.step()
             check_finite(param, f"the optimised {what} at {where}, Adam iteration {k + 1}", lr_fix)
             step_losses.append(loss.item())
