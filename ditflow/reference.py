@@ -135,7 +135,8 @@ class ReferenceMotion:
         amf: guidance block → hard reference AMF ``[F², S, 2]``, (dx, dy) in patch-grid units; pair ``i·F + j``.
         grid: token grid (F, h, w) of the reference latents.
         temperature: τ used for the reference (the generated AMF uses the same).
-        latents: the scaled reference latents ``[1, F, C, H, W]``, kept for KV injection (noised per step).
+        latents: the scaled reference latents ``[1, F, C, H, W]``, kept for KV injection (noised per step);
+            ``None`` for a target made without a video (:mod:`ditflow.motion_target`): no KV injection then.
         features: guidance block → block-output video features ``[F, C, h, w]`` (float32, CPU), for the MOFT/SMM
             losses; empty when the reference was extracted for AMF.
     """
@@ -143,7 +144,7 @@ class ReferenceMotion:
     amf: dict[int, Tensor]
     grid: tuple[int, int, int]
     temperature: float
-    latents: Tensor
+    latents: Tensor | None
     features: dict[int, Tensor] = field(default_factory=dict)
 
     @property

@@ -193,7 +193,8 @@ class _GuidedRun:
         self.embeds, self.callback = embeds, callback
         transformer = self.transformer = model.transformer
         device, dtype = self.device, self.dtype = transformer.device, transformer.dtype
-        self.inject = bool(config.kv_injection_blocks) and reference is not None
+        # KV injection needs reference latents; a target made from a flow field has none (ditflow.motion_target)
+        self.inject = bool(config.kv_injection_blocks) and reference is not None and reference.latents is not None
 
         # 1. Text (cond and uncond batched for CFG) and the reference's targets.
         self.cond = prompt.cond.to(device, dtype).clone()

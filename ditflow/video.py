@@ -197,6 +197,42 @@ def _resize(frames: Tensor, height: int, width: int) -> Tensor:
     return F.interpolate(frames, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
 
 
+def fit_geometry(src_height: int, src_width: int, height: int, width: int, resize: str) -> tuple[int, int, int, int]:
+    """How a ``src_width`` × ``src_height`` picture meets a ``width`` × ``height`` frame under ``resize`` (one of
+    :data:`RESIZE_MODES`): ``(new_h, new_w, top, left)``, the size it is resized to and where the resized picture's
+    top-left corner lands in the frame, in px (negative for ``crop``, ≥ 0 for ``pad``, 0 for ``stretch``).
+
+    ``crop`` scales (aspect kept) to cover the frame and centre-crops; ``stretch`` resizes to the frame ignoring
+    aspect; ``pad`` fits inside and centres. Raises :class:`DiTFlowError` for an unknown mode.
+    """
+    if resize not in RESIZE_MODES:
+        raise DiTFlowError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}.")
+    if resize == "stretch":
+        return height, width, 0, 0
+    if resize == "crop":  # cover, then centre-crop
+        scale = max(height / src_height, width / src_width)
+        new_h, new_w = max(height, round(src_height * scale)), max(width, round(src_width * scale))
+        return new_h, new_w, -((new_h - height) // 2), -((new_w - width) // 2)
+    scale = min(height / src_height, width / src_width)  # pad: fit inside, then centre
+    new_h, new_w = max(1, min(height, round(src_height * scale))), max(1, min(width, round(src_width * scale)))
+    return new_h, new_w, (height - new_h) // 2, (width - new_w) // 2
+
+
+def place(pictures: Tensor, top: int, left: int, height: int, width: int, *, fill: float = 0.0) -> Tensor:
+    """``pictures [..., h', w']`` put into ``[..., height, width]`` with their top-left corner at (``left``,
+    ``top``) px (from :func:`fit_geometry`): cropped where they stick out, ``fill`` where they do not cover."""
+    h, w = pictures.shape[-2:]
+    pads = (left, width - w - left, top, height - h - top)  # negative padding crops
+    return F.pad(pictures, pads, value=fill)
+
+
+def fit_pictures(pictures: Tensor, height: int, width: int, resize: str, *, fill: float = 0.0) -> Tensor:
+    """``pictures [N, C, H, W]`` fitted to ``height × width`` px by ``resize`` (:func:`fit_geometry`): bilinear,
+    antialiased; ``fill`` where they do not cover the frame (``pad``)."""
+    new_h, new_w, top, left = fit_geometry(pictures.shape[-2], pictures.shape[-1], height, width, resize)
+    return place(_resize(pictures, new_h, new_w), top, left, height, width, fill=fill)
+
+
 def selectable_frames(total: int, start: int, stride: int) -> int:
     """How many frames ``start``, ``start + stride``, ... a clip of ``total`` frames holds (0 if start ≥ total)."""
     return (total - 1 - start) // stride + 1 if 0 <= start < total and stride >= 1 else 0
@@ -235,8 +271,7 @@ def prepare_reference(
         )
     check_frame_count(num_frames)
     check_size(height, width)
-    if resize not in RESIZE_MODES:
-        raise DiTFlowError(f"unknown resize mode {resize!r}; choose one of {', '.join(RESIZE_MODES)}.")
+    new_h, new_w, _, _ = fit_geometry(frames.shape[-2], frames.shape[-1], height, width, resize)  # checks resize
     if start < 0 or stride < 1:
         raise DiTFlowError(f"start must be ≥ 0 and stride ≥ 1, got start={start}, stride={stride}.")
     total = frames.shape[0]
@@ -251,30 +286,13 @@ def prepare_reference(
             f"the reference clip has {total} frames, and from frame {start} with stride {stride} it gives at most "
             f"{available}, fewer than num_frames={num_frames}; use {hint}, or a longer clip."
         )
-    src_h, src_w = frames.shape[-2:]
-    if resize == "stretch":
-        new_h, new_w = height, width
-    elif resize == "crop":  # cover, then centre-crop
-        scale = max(height / src_h, width / src_w)
-        new_h, new_w = max(height, round(src_h * scale)), max(width, round(src_w * scale))
-    else:  # pad: fit inside, then pad with black
-        scale = min(height / src_h, width / src_w)
-        new_h, new_w = max(1, min(height, round(src_h * scale))), max(1, min(width, round(src_w * scale)))
     # The resized copy and the clamped output (plus a float copy of integer input) before any is allocated.
-    samples = new_h * new_w + height * width + (0 if frames.is_floating_point() else src_h * src_w)
+    samples = new_h * new_w + height * width + (0 if frames.is_floating_point() else frames.shape[-2] * frames.shape[-1])
     need = num_frames * 3 * FLOAT_BYTES * samples
     require(need, f"fitting {num_frames} frames to {width}×{height} px", "use a smaller size or fewer frames",
             frames.device)
     clip = frames[start : start + (num_frames - 1) * stride + 1 : stride].float()
-    if resize == "stretch":
-        out = _resize(clip, height, width)
-    elif resize == "crop":
-        top, left = (new_h - height) // 2, (new_w - width) // 2
-        out = _resize(clip, new_h, new_w)[..., top : top + height, left : left + width]
-    else:
-        top, left = (height - new_h) // 2, (width - new_w) // 2
-        pads = (left, width - new_w - left, top, height - new_h - top)
-        out = F.pad(_resize(clip, new_h, new_w), pads, value=-1.0)
+    out = fit_pictures(clip, height, width, resize, fill=-1.0)  # padding is black
     return out.clamp(-1.0, 1.0).contiguous()
 
 
@@ -351,6 +369,6 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
 
 
 __all__ = [
-    "FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "load_video", "prepare_reference",
-    "selectable_frames", "write_video",
+    "FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "fit_geometry", "fit_pictures",
+    "load_video", "place", "prepare_reference", "selectable_frames", "write_video",
 ]
