@@ -270,7 +270,10 @@ def _add_fpt_commands(sub) -> None:
     p.add_argument("--model", required=True, help="FPT weights converted by 'fpt-convert' (.safetensors)")
     p.add_argument("--image", required=True, help="the image (png, jpg, …)")
     p.add_argument("--pokes", required=True, help="'x0,y0,x1,y1; x0,y0,x1,y1' in pixels ('' for none)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
+                   "run succeeds, and a failed or interrupted run leaves it as it was")
+    p.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a whole, "
+                   "when this run succeeds; never when --out holds the image or the weights)")
     p.add_argument("--query", type=_point, default=None, help="x,y in pixels: also write density.png for this point")
     p.add_argument("--fit", default=d.fit, choices=FITS, help="non-square images: pad (letterbox, whole image; "
                    "default) or crop (centre square, the authors' demo)")
@@ -311,7 +314,7 @@ def _fpt(args) -> None:
     options = PokeOptions(fit=args.fit, mode=args.mode, grid=args.grid, ar_grid=args.ar_grid, seed=args.seed,
                           camera_static=not args.moving_camera, precision=args.precision, query=args.query)
     written = run_poke(args.model, args.image, args.pokes, args.out, options, device=args.device,
-                       log=lambda line: print(line, file=sys.stderr, flush=True))
+                       log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
 
 
@@ -448,7 +451,7 @@ def _interrupted(args, before) -> str:
     if args.command == "bench-eval":
         return (f"interrupted: finished items are kept in {args.out} (results/, videos/); run the same command again "
                 "to resume")
-    if args.command not in ("transfer", "inject"):
+    if args.command not in ("transfer", "inject", "poke"):
         return "interrupted"
     if _identity(args.out) != before:
         return f"interrupted after {args.out} was written in full"

@@ -66,3 +66,32 @@ def test_unconverted_weights_are_refused(files, tmp_path, capsys):
     assert main(["poke", "--model", str(files / "fpt.pt"), "--image", str(files / "image.png"), "--pokes", "",
                  "--out", str(tmp_path / "out")]) == 2
     assert "not a .safetensors file; convert the released .pt once" in capsys.readouterr().err
+
+
+def test_poke_out_is_one_output_set(files, weights, tmp_path, capsys, monkeypatch):
+    """--out as transfer/inject treat it: a non-empty folder is refused without --overwrite, replaced as a whole with
+    it (no file of an earlier run left), and a failed write leaves it as it was."""
+    import ditflow.fpt.jobs as jobs
+
+    out = tmp_path / "out"
+    base = ["poke", "--model", str(weights), "--image", str(files / "image.png"), "--pokes", "30,30,42,25",
+            "--out", str(out), "--grid", "8", "--device", "cpu"]
+    assert main(base + ["--query", "40,30"]) == 0
+    first = (out / "flow.safetensors").read_bytes()
+    assert main(base) == 2
+    assert "already holds density.png, flow.png, flow.safetensors" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["density.png", "flow.png", "flow.safetensors"]
+
+    def full_disk(path, image):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(jobs, "_write_png", full_disk)
+    assert main(base + ["--overwrite", "--pokes", "30,30,20,25"]) == 2
+    assert "nothing was written to" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (out / "flow.safetensors").read_bytes() == first and len(list(out.iterdir())) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging folder left beside it
+    monkeypatch.undo()
+
+    assert main(base + ["--overwrite", "--pokes", "30,30,20,25"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["flow.png", "flow.safetensors"]  # the old density.png is gone
+    assert (out / "flow.safetensors").read_bytes() != first
