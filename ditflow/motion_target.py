@@ -58,7 +58,7 @@ def _single_flow(flow: Tensor) -> Tensor:
     if flow.ndim != 3 or flow.shape[-1] != 2 or min(flow.shape[:2]) < 1:
         raise DiTFlowError(f"the flow field must be [H, W, 2] (dx, dy) in pixels, got shape {list(flow.shape)}; "
                            "connect FPT Predict Flow's flow output.")
-    flow = flow.detach().float().cpu()
+    flow = flow.detach().float().cpu().clone()  # a normal tensor even when given an inference tensor
     if not torch.isfinite(flow).all():
         raise DiTFlowError("the flow field holds NaN or Inf values; predict it again.")
     return flow
@@ -166,10 +166,11 @@ def poke_reference(
     blocks = tuple(sorted({int(b) for b in blocks}))
     if not blocks or blocks[0] < 0:
         raise DiTFlowError(f"give one or more guidance blocks ≥ 0 for the motion target, got {list(blocks)}.")
-    patches = flow_to_patches(flow, height, width, fit=fit) * scale
-    still = patches.norm(dim=-1, keepdim=True) * PIXELS_PER_PATCH < min_motion
-    patches = torch.where(still, torch.zeros_like(patches), patches)
-    amf = straight_line_amf(patches, grid[0])
+    with torch.inference_mode(False):  # a target built in ComfyUI's inference mode must still enter autograd
+        patches = flow_to_patches(flow, height, width, fit=fit) * scale
+        still = patches.norm(dim=-1, keepdim=True) * PIXELS_PER_PATCH < min_motion
+        patches = torch.where(still, torch.zeros_like(patches), patches)
+        amf = straight_line_amf(patches, grid[0])
     if not amf.ne(0).any():
         raise DiTFlowError(
             "the motion target is still everywhere (the flow is zero"

@@ -103,6 +103,7 @@ class Graph:
 PROMPT = ("A person rides a bicycle along a forest trail between tall trees, sunlight through the leaves, "
           "realistic, high detail.")
 NEW_PROMPT = "A fox runs along a snowy forest trail between tall pine trees, soft winter light, realistic."
+POKE_PROMPT = "A red toy car rolls across a wooden table, soft daylight, realistic, high detail."
 MODEL = {"model": "CogVideoX-5b", "precision": "bf16", "text_encoder": "auto", "download_missing": True}
 REFERENCE = {"width": 720, "height": 480, "num_frames": 49, "start": 0, "stride": 1, "resize": "crop"}
 
@@ -234,11 +235,55 @@ def fpt_poke_flow():
     return g.json()
 
 
+def fpt_poke_motion():
+    """Motion sketched with pokes drives CogVideoX: Predict Flow → Motion Target → Guided Sampler (T2V)."""
+    g = Graph()
+    g.add("Note", (20, 20), [
+        "Motion from pokes instead of a reference video (beyond the FPT authors).\n\n"
+        "FPT Predict Flow says how the image moves when poked; DiTFlow Motion Target from Flow turns that flow into "
+        "the sampler's motion target: each 16 px patch moves in a straight line by its mean flow from the first to "
+        "the last frame (scale stretches it). Set the target's width, height and frames to the video you want; the "
+        "sampler takes them (its 0s).\n\n"
+        "Text-to-video: the image only shapes the motion; the prompt describes the scene, so describe what is in the "
+        "image. No reference latents, so no KV injection. FPT weights: see fpt_poke_flow.json (CC BY-NC 4.0). "
+        "Not yet validated on real weights: start with scale 1-2, block 20 (15 on CogVideoX-2b)."], size=(360, 330))
+    fpt = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
+    image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
+    embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
+    pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
+    flow = g.add("DiTFlowFPTPredictFlow", (400, 500), {"mode": "mean", "grid": 128}, size=(320, 250))
+    show_flow = g.add("PreviewImage", (400, 800), size=(320, 300), title="flow (colour wheel) and pokes")
+    target = g.add("DiTFlowPokeMotionTarget", (760, 500), {"width": 720, "height": 480, "num_frames": 49,
+                                                           "fit": "crop", "block": 20}, size=(320, 280))
+    vis = g.add("DiTFlowVisualizeAMF", (760, 820), {"query_frame": 0, "key_frame": 12, "arrow_stride": 2},
+                size=(300, 150))
+    show_target = g.add("PreviewImage", (760, 1010), size=(300, 260), title="target: frame 0 → 12")
+    load = g.add("DiTFlowLoadCogVideoX", (760, 20), MODEL, size=(320, 150))
+    text = g.add("DiTFlowTextEncode", (760, 210), {"prompt": POKE_PROMPT, "negative_prompt": ""}, size=(400, 260))
+    sampler = g.add("DiTFlowGuidedSampler", (1200, 20), sampler_widgets("latent", kv_injection=False), size=(340, 520))
+    g.link(fpt, 0, embed, "fpt")
+    g.link(image, 0, embed, "image")
+    g.link(fpt, 0, flow, "fpt")
+    g.link(embed, 0, flow, "embedding")
+    g.link(pokes, 0, flow, "pokes")
+    g.link(flow, 1, show_flow, "images")
+    g.link(flow, 0, target, "flow")
+    g.link(target, 0, vis, "amf")
+    g.link(vis, 1, show_target, "images")
+    g.link(load, 0, text, "model")
+    g.link(load, 0, sampler, "model")
+    g.link(text, 0, sampler, "conditioning")
+    g.link(target, 0, sampler, "amf")
+    output_chain(g, load, sampler, 1580, "ditflow/poke")
+    return g.json()
+
+
 WORKFLOWS = {
     "ditflow_t2v_latent": t2v_latent,
     "ditflow_rope_optimize_and_save": rope_optimize_and_save,
     "ditflow_rope_inject": rope_inject,
     "fpt_poke_flow": fpt_poke_flow,
+    "fpt_poke_motion": fpt_poke_motion,
 }
 
 if __name__ == "__main__":

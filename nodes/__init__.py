@@ -10,7 +10,7 @@ from .metrics_nodes import DiTFlowMotionFidelity
 from .model_nodes import DiTFlowDecode, DiTFlowLoadCogVideoX, DiTFlowTextEncode
 from .motion_nodes import DiTFlowEncodeReference, DiTFlowExtractAMF, DiTFlowVisualizeAMF
 from .poke_nodes import (DiTFlowFPTEmbedImage, DiTFlowFPTMotionDensity, DiTFlowFPTPredictFlow, DiTFlowLoadFPT,
-                         DiTFlowPokes)
+                         DiTFlowPokeMotionTarget, DiTFlowPokes)
 from .sampler_node import DiTFlowGuidedSampler
 
 NODE_CLASS_MAPPINGS = {
@@ -29,6 +29,7 @@ NODE_CLASS_MAPPINGS = {
     "DiTFlowPokes": DiTFlowPokes,
     "DiTFlowFPTPredictFlow": DiTFlowFPTPredictFlow,
     "DiTFlowFPTMotionDensity": DiTFlowFPTMotionDensity,
+    "DiTFlowPokeMotionTarget": DiTFlowPokeMotionTarget,
 }
 
 NODE_DISPLAY_NAME_MAPPINGS = {
@@ -47,6 +48,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiTFlowPokes": "FPT Pokes",
     "DiTFlowFPTPredictFlow": "FPT Predict Flow",
     "DiTFlowFPTMotionDensity": "FPT Motion Density",
+    "DiTFlowPokeMotionTarget": "DiTFlow Motion Target from Flow",
 }
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

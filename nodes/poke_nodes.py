@@ -226,3 +226,48 @@ class DiTFlowFPTMotionDensity:
         maps = motion_density(fpt.use(), embedding, pokes, query, camera_static=camera_static,
                               precision=fpt.precision)
         return (torch.stack([density_image(img, m, query, pokes) for img, m in zip(embedding.image, maps)]),)
+
+
+class DiTFlowPokeMotionTarget:
+    CATEGORY = "DiTFlow/poke"
+    FUNCTION = "target"
+    RETURN_TYPES = ("DITFLOW_AMF",)
+    RETURN_NAMES = ("amf",)
+    OUTPUT_TOOLTIPS = ("A motion target for the DiTFlow Guided Sampler's amf input: per frame pair, where each patch "
+                       "should move (patch-grid units), made from the flow instead of a reference video. It carries "
+                       "no reference latents, so the sampler runs no KV injection with it.",)
+    DESCRIPTION = ("Turns a flow field (FPT Predict Flow) into a DiTFlow motion target: each 16 px patch moves in a "
+                   "straight line at constant speed by its mean flow from the first to the last frame.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        from ditflow.video import RESIZE_MODES
+
+        return {"required": {
+            "flow": ("DITFLOW_FLOW", {"tooltip": "Flow field from FPT Predict Flow: (dx, dy) in pixels of the poked "
+                     "image, taken as the motion from the first to the last frame of the video."}),
+            "width": ("INT", {"default": 720, "min": 16, "max": 4096, "step": 16, "tooltip": "Width of the video "
+                      "to generate in px, a multiple of 16 (CogVideoX native: 720); the sampler's 0 takes it."}),
+            "height": ("INT", {"default": 480, "min": 16, "max": 4096, "step": 16, "tooltip": "Height in px, a "
+                       "multiple of 16 (CogVideoX native: 480)."}),
+            "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "step": 4, "tooltip": "Video frames, 4k+1 "
+                           "(CogVideoX native: 49 = 13 latent frames)."}),
+            "fit": (list(RESIZE_MODES), {"default": "crop", "tooltip": "How the poked image meets the video's frame "
+                    "(use the same as for the start image): crop = cover and centre-crop; stretch = ignore the "
+                    "aspect ratio; pad = fit inside (the padding gets no target)."}),
+            "block": ("INT", {"default": 20, "min": 0, "max": 99, "tooltip": "Transformer block the sampler guides "
+                      "at (0-based). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
+            "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Multiplies the "
+                      "flow: 2 = twice as far over the clip."}),
+            "min_motion": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 4096.0, "step": 1.0, "tooltip": "Patches "
+                           "moving less than this (px over the clip) get no target and are left free instead of "
+                           "held still; 0 holds every patch the flow reaches."}),
+            "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "τ of the "
+                            "generated AMF (Eq. 3) the sampler uses; paper: 2."}),
+        }}
+
+    def target(self, flow, width, height, num_frames, fit, block, scale, min_motion, temperature):
+        from ditflow.motion_target import poke_reference
+
+        return (poke_reference(flow, num_frames=num_frames, height=height, width=width, blocks=[block], fit=fit,
+                               scale=scale, min_motion=min_motion, temperature=temperature),)

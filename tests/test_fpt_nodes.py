@@ -5,6 +5,7 @@ modules, on the tiny random FPT (``ditflow.testing.tiny_fpt.TINY``) in models/fp
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -17,11 +18,15 @@ W, H = 90, 60
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    """Stub ComfyUI whose models/fpt holds tiny.safetensors; NODE_CLASS_MAPPINGS as ``N`` (tests/test_nodes.py)."""
+    """Stub ComfyUI whose models/fpt holds tiny.safetensors and models/CogVideo tiny-5b; NODE_CLASS_MAPPINGS as ``N``
+    (tests/test_nodes.py)."""
     from ditflow.testing.tiny_fpt import build_tiny_fpt
+
+    from ditflow.testing.tiny_model import build_tiny_model
 
     base = tmp_path_factory.mktemp("comfy")
     build_tiny_fpt(base / "models" / "fpt" / "tiny.safetensors")
+    build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")  # for the motion target → sampler chain
     yield comfy_stubs.install(str(base))
     comfy_stubs.uninstall()
 
@@ -62,7 +67,7 @@ def test_the_loader_lists_models_fpt_and_builds_weights_outside_inference_mode(N
 
 def test_every_fpt_node_is_documented(N):
     for key in ("DiTFlowLoadFPT", "DiTFlowFPTEmbedImage", "DiTFlowPokes", "DiTFlowFPTPredictFlow",
-                "DiTFlowFPTMotionDensity"):
+                "DiTFlowFPTMotionDensity", "DiTFlowPokeMotionTarget"):
         cls = N[key]
         assert cls.CATEGORY == "DiTFlow/poke" and cls.DESCRIPTION and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES)
         assert all("tooltip" in spec[1] for spec in cls.INPUT_TYPES()["required"].values())
@@ -114,3 +119,29 @@ def test_cancel_stops_the_prediction(N, fpt, embedding, comfy):
         run(N["DiTFlowFPTPredictFlow"], fpt=fpt, embedding=embedding, pokes=pokes, mode="sample", grid=8, ar_grid=4,
             seed=0, camera_static=True)
     assert mm.INTERRUPT is False
+
+
+def test_pokes_steer_the_guided_sampler_through_a_motion_target(N, fpt, embedding, comfy, capsys):
+    """Pokes → Predict Flow (90×60 px) → Motion Target (9 frames at 96×64 px, block 1) → Guided Sampler on tiny-5b,
+    run as ComfyUI runs nodes (inference mode): the target is the sampler's amf type, fixes its size (widgets 0) and
+    carries no latents, so KV injection (on) is skipped; the AMF loss falls in each guided step."""
+    pokes = run(N["DiTFlowPokes"], pokes="30,30,60,25\n60,40,60,50")[0]
+    flow = run(N["DiTFlowFPTPredictFlow"], fpt=fpt, embedding=embedding, pokes=pokes, mode="mean", grid=8,
+               ar_grid=2, seed=0, camera_static=True)[0]
+    target_node = N["DiTFlowPokeMotionTarget"]
+    assert target_node.RETURN_TYPES == N["DiTFlowExtractAMF"].RETURN_TYPES
+    assert N["DiTFlowGuidedSampler"].INPUT_TYPES()["optional"]["amf"][0] == "DITFLOW_AMF"
+    (target,) = run(target_node, flow=flow, width=96, height=64, num_frames=9, fit="crop", block=1, scale=2.0,
+                    min_motion=0.0, temperature=2.0)
+    assert target.grid == (3, 4, 6) and target.latents is None and list(target.amf) == [1]
+    assert not target.amf[1].is_inference() and target.amf[1].shape == (9, 24, 2)
+
+    model = run(N["DiTFlowLoadCogVideoX"], model="tiny-5b", precision="fp32")[0]
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a red ball", negative_prompt="")[0]
+    capsys.readouterr()
+    latent, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", steps=4, cfg=6.0,
+                         seed=0, guidance_fraction=0.5, opt_steps=3, lr_start=0.2, lr_end=0.1, kv_injection=True,
+                         kv_block=0, num_frames=0, width=0, height=0, amf=target)
+    assert latent["samples"].shape == (1, 16, 3, 8, 12) and embeds is None
+    losses = [float(x) for x in re.findall(r"AMF loss ([\d.]+)", capsys.readouterr().out)]
+    assert len(losses) == 6 and losses[2] < losses[0] and losses[5] < losses[3]
