@@ -84,7 +84,11 @@ def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> 
         default = dict(num_frames=None, height=None, width=None, start=None, stride=None, resize=None)
         note = " (default: as recorded in the embeddings file)"
     else:
-        r.add_argument("--video", required=True, help="mp4/webm/mov/gif file or a folder of frames")
+        source = r.add_mutually_exclusive_group(required=True)
+        source.add_argument("--video", help="mp4/webm/mov/gif file or a folder of frames")
+        source.add_argument("--flow", help="instead of a video, a flow field to follow: the flow.safetensors of "
+                            "'poke' (each 16 px patch moves in a straight line by its mean flow from the first to the "
+                            "last frame; no KV injection); --num-frames auto is 49, --resize fits the poked image")
         ref = ReferenceOptions()
         default = dict(num_frames=ref.num_frames, height=ref.height, width=ref.width, start=ref.start,
                        stride=ref.stride, resize=ref.resize)
@@ -102,6 +106,11 @@ def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> 
     r.add_argument("--reference-sample-seed", type=int, default=None,
                    help="encode the reference with a seeded posterior sample instead of the posterior mean"
                    + (" (default: as recorded)" if replay else ""))
+    if not replay:
+        f = p.add_argument_group("motion from a flow (--flow)")
+        f.add_argument("--flow-scale", type=float, default=1.0, help="multiplies the flow (default 1)")
+        f.add_argument("--min-motion", type=float, default=0.0, help="patches moving less than this many px over "
+                       "the clip get no target (left free) instead of being held still (default 0)")
 
 
 def _reference_options(args, embeds=None):
@@ -130,7 +139,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
     g.add_argument("--dynamic-cfg", choices=["on", "off"], default=None,
                    help="cosine-ramped CFG (default: on for 5B, off for 2B, as diffusers)")
     g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the reference's "
-                   "fps divided by the stride; 8 for inject)")
+                   "fps divided by the stride; 8 for inject and --flow)")
     g.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
                    "run succeeds, and a failed or interrupted run leaves it as it was")
     g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a whole, "
@@ -143,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("transfer", help="re-create a reference video's motion with a new prompt",
                        description="Motion transfer: writes result.mp4, reference.mp4, run.json and, for modes "
-                       "rope/posemb, embeds.safetensors into --out.")
+                       "rope/posemb, embeds.safetensors into --out; with --flow (motion from pokes) result.mp4 and "
+                       "run.json.")
     _add_model_args(t)
     _add_reference_args(t)
     _add_sampling_args(t, steps=True)
@@ -509,6 +519,12 @@ def _run(args, jobs) -> dict | None:
             lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
             **_cfg_kwargs(args),
         )
+        if args.flow is not None:
+            target = jobs.FlowTarget(num_frames=args.num_frames, height=args.height, width=args.width,
+                                     fit=args.resize, scale=args.flow_scale, min_motion=args.min_motion)
+            return jobs.transfer_flow(_model_options(args), args.flow, args.prompt, args.out, target=target,
+                                      negative_prompt=args.negative_prompt, config=config, seed=args.seed,
+                                      fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
         reference = _reference_options(args)
         return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
                              negative_prompt=args.negative_prompt, reference=reference, config=config, seed=args.seed,

@@ -75,6 +75,20 @@ class ModelOptions:
 
 
 
+@dataclass(frozen=True)
+class FlowTarget:
+    """A motion target from a flow field (:func:`~ditflow.motion_target.poke_reference`): the video's frames
+    (4k+1, or :data:`AUTO` = 49) and size in px, how the flow's image meets the frame, the flow's scale and the
+    shortest motion (px over the clip) that gets a target."""
+
+    num_frames: int | str = AUTO
+    height: int = 480
+    width: int = 720
+    fit: str = "crop"
+    scale: float = 1.0
+    min_motion: float = 0.0
+
+
 def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleResult, timings: dict,
             memory: dict) -> dict:
     return {
@@ -324,6 +338,68 @@ def transfer(
     return record
 
 
+@collecting_warnings
+def transfer_flow(
+    model: ModelOptions,
+    flow_path: str | os.PathLike,
+    prompt: str,
+    out_dir: str | os.PathLike,
+    *,
+    target: FlowTarget = FlowTarget(),
+    negative_prompt: str = "",
+    config: GuidanceConfig = GuidanceConfig(),
+    seed: int = 0,
+    fps: float | None = None,
+    overwrite: bool = False,
+    callback: Callback | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Generation that follows a flow field instead of a reference video (``python -m ditflow poke``'s
+    ``flow.safetensors``): the straight-line motion target of :func:`~ditflow.motion_target.poke_reference` at the
+    guidance block(s), no KV injection. Publishes ``result.mp4`` and ``run.json`` as ``out_dir`` (as :func:`transfer`);
+    returns the run record.
+
+    Raises:
+        DiTFlowError: as for :func:`transfer`; a flow file that cannot be read, a target where nothing moves, or a
+            ``config`` that cannot use a motion target (loss moft/smm, mode none).
+    """
+    from .config import Loss
+    from .motion_target import poke_reference, read_flow
+
+    if config.mode is Mode.NONE or Loss.parse(config.loss) is not Loss.AMF:
+        raise DiTFlowError("a flow gives an AMF motion target: use --loss amf with --mode latent, rope or posemb.")
+    fps = FOLDER_FPS if check_fps(fps) is None else fps
+    size = (NATIVE_FRAMES if target.num_frames == AUTO else target.num_frames, target.height, target.width)
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=(flow_path, model.path))
+    with out as folder:
+        flow, flow_metadata = read_flow(flow_path)
+
+        def motion_at(blocks):  # checks flow, size and options; cheap, so done before the model loads too
+            return poke_reference(flow, num_frames=size[0], height=size[1], width=size[2], blocks=blocks,
+                                  fit=target.fit, scale=target.scale, min_motion=target.min_motion,
+                                  temperature=config.temperature)
+
+        motion_at(config.guidance_blocks or (0,))
+        timings = {}
+        tic = time.perf_counter()
+        cog, plan = load_for_run(model, token_grid(*size), config, log=log)
+        timings["load_model"] = time.perf_counter() - tic
+        resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks), kv_injection_blocks=(),
+                                       gradient_checkpointing=plan.gradient_checkpointing)
+        out_frames, result = generate(cog, prompt, resolved, motion_at(resolved.guidance_blocks), size=size,
+                                      negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings)
+        settings = {
+            "model": dataclasses.asdict(model), "model_family": cog.family, "flow": str(flow_path),
+            "flow_metadata": flow_metadata, "target": dataclasses.asdict(target), "prompt": prompt,
+            "negative_prompt": negative_prompt, "num_frames": size[0], "seed": seed, "fps": fps,
+            "frames_written": int(out_frames.shape[0]),
+        }
+        record = _record("transfer_flow", settings, resolved, result, timings, memory_record(plan, model.device))
+        _write_all(out, folder, {"result.mp4": lambda p: write_video(p, out_frames, fps),
+                                 "run.json": lambda p: write_json(p, record)})
+    return record
+
+
 def replay_reference(embeds: PositionEmbeds, reference: ReferenceOptions | None = None) -> ReferenceOptions:
     """The reference frames a replay of ``embeds`` reads for KV injection: ``reference`` if given, else the options
     stored in the file, else the embeddings' own frame count and size (first frames, centre crop).
@@ -421,6 +497,6 @@ def inject(
 
 
 __all__ = [
-    "AUTO", "DiTFlowError", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run", "memory_record",
-    "read_reference", "reference_motion", "replay_reference", "transfer",
+    "AUTO", "DiTFlowError", "FlowTarget", "ModelOptions", "ReferenceOptions", "generate", "inject", "load_for_run",
+    "memory_record", "read_reference", "reference_motion", "replay_reference", "transfer", "transfer_flow",
 ]

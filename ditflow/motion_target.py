@@ -28,6 +28,8 @@ speed; it has not been validated on real CogVideoX weights. No ComfyUI imports.
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -43,7 +45,7 @@ from .video import fit_geometry, fit_pictures, place
 if TYPE_CHECKING:  # shapes in signatures only; jaxtyping is not a runtime dependency
     from jaxtyping import Float
 
-__all__ = ["flow_to_patches", "poke_reference", "straight_line_amf"]
+__all__ = ["flow_to_patches", "poke_reference", "read_flow", "straight_line_amf"]
 
 
 def _single_flow(flow: Tensor) -> Tensor:
@@ -178,3 +180,27 @@ def poke_reference(
             + " on every patch), so there is nothing to guide toward; poke harder, raise scale or lower min_motion."
         )
     return ReferenceMotion(amf={b: amf for b in blocks}, grid=grid, temperature=temperature, latents=None)
+
+
+def read_flow(path: str | os.PathLike) -> tuple[Tensor, dict[str, str]]:
+    """A flow field saved by ``python -m ditflow poke`` (``flow.safetensors``: tensor ``flow`` ``[H, W, 2]``, (dx, dy)
+    in pixels) → (float32 ``[H, W, 2]``, the file's metadata: pokes, image, options).
+
+    Raises:
+        DiTFlowError: a missing or unreadable file, or one without a ``flow`` tensor of shape ``[H, W, 2]``.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise DiTFlowError(f"flow file {str(path)!r} does not exist; make one with 'python -m ditflow poke'.")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "flow" not in f.keys():
+                raise DiTFlowError(f"{path.name} holds no tensor 'flow' (it has {', '.join(f.keys()) or 'none'}); "
+                                   "give the flow.safetensors that 'python -m ditflow poke' wrote.")
+            flow, metadata = f.get_tensor("flow"), f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise DiTFlowError(f"{path.name} is not a readable .safetensors file ({err}); give the flow.safetensors that "
+                           "'python -m ditflow poke' wrote.") from None
+    return _single_flow(flow), metadata

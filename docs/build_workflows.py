@@ -205,6 +205,17 @@ def rope_inject():
     return g.json()
 
 
+def poke_chain(g):
+    """Load FPT and Load Image → FPT Embed Image, and FPT Pokes (two example pokes); returns (fpt, embed, pokes)."""
+    fpt = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
+    image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
+    embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
+    pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
+    g.link(fpt, 0, embed, "fpt")
+    g.link(image, 0, embed, "image")
+    return fpt, embed, pokes
+
+
 def fpt_poke_flow():
     """Flow Poke Transformer: image + pokes → dense flow (colour wheel) and one point's motion density."""
     g = Graph()
@@ -216,16 +227,11 @@ def fpt_poke_flow():
         "2. Load an image and write pokes as x0,y0,x1,y1 in its pixels (drag (x0, y0) to (x1, y1)), one per line.\n"
         "3. FPT Predict Flow: the expected motion (mean) or one sampled motion (sample, seeded).\n"
         "   FPT Motion Density: where the query point may go."], size=(360, 330))
-    load = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
-    image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
-    embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
-    pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
+    load, embed, pokes = poke_chain(g)
     flow = g.add("DiTFlowFPTPredictFlow", (760, 20), {"mode": "mean", "grid": 128}, size=(320, 250))
     density = g.add("DiTFlowFPTMotionDensity", (760, 420), {"query_x": 230.0, "query_y": 300.0}, size=(320, 200))
     show_flow = g.add("PreviewImage", (1120, 20), size=(360, 360), title="flow (colour wheel) and pokes")
     show_density = g.add("PreviewImage", (1120, 420), size=(360, 360), title="motion density of the query")
-    g.link(load, 0, embed, "fpt")
-    g.link(image, 0, embed, "image")
     for node in (flow, density):
         g.link(load, 0, node, "fpt")
         g.link(embed, 0, node, "embedding")
@@ -247,10 +253,7 @@ def fpt_poke_motion():
         "Text-to-video: the image only shapes the motion; the prompt describes the scene, so describe what is in the "
         "image. No reference latents, so no KV injection. FPT weights: see fpt_poke_flow.json (CC BY-NC 4.0). "
         "Not yet validated on real weights: start with scale 1-2, block 20 (15 on CogVideoX-2b)."], size=(360, 330))
-    fpt = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
-    image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
-    embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
-    pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
+    fpt, embed, pokes = poke_chain(g)
     flow = g.add("DiTFlowFPTPredictFlow", (400, 500), {"mode": "mean", "grid": 128}, size=(320, 250))
     show_flow = g.add("PreviewImage", (400, 800), size=(320, 300), title="flow (colour wheel) and pokes")
     target = g.add("DiTFlowPokeMotionTarget", (760, 500), {"width": 720, "height": 480, "num_frames": 49,
@@ -261,8 +264,6 @@ def fpt_poke_motion():
     load = g.add("DiTFlowLoadCogVideoX", (760, 20), MODEL, size=(320, 150))
     text = g.add("DiTFlowTextEncode", (760, 210), {"prompt": POKE_PROMPT, "negative_prompt": ""}, size=(400, 260))
     sampler = g.add("DiTFlowGuidedSampler", (1200, 20), sampler_widgets("latent", kv_injection=False), size=(340, 520))
-    g.link(fpt, 0, embed, "fpt")
-    g.link(image, 0, embed, "image")
     g.link(fpt, 0, flow, "fpt")
     g.link(embed, 0, flow, "embedding")
     g.link(pokes, 0, flow, "pokes")

@@ -95,3 +95,52 @@ def test_poke_out_is_one_output_set(files, weights, tmp_path, capsys, monkeypatc
     assert main(base + ["--overwrite", "--pokes", "30,30,20,25"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["flow.png", "flow.safetensors"]  # the old density.png is gone
     assert (out / "flow.safetensors").read_bytes() != first
+
+
+TINY_VIDEO = ["--num-frames", "9", "--height", "64", "--width", "96", "--steps", "4", "--guidance-fraction", "0.5",
+              "--opt-steps", "3", "--lr-start", "0.2", "--lr-end", "0.1", "--guidance-blocks", "1", "--dtype", "fp32",
+              "--device", "cpu"]
+
+
+def test_poke_then_transfer_flow_generates_a_video_guided_by_the_pokes(files, weights, tiny_5b_path, tmp_path):
+    """``poke`` writes flow.safetensors; ``transfer --flow`` follows it on tiny-5b (9 frames at 64×96 px)."""
+    import json
+
+    import av
+
+    poked = tmp_path / "poked"
+    assert main(["poke", "--model", str(weights), "--image", str(files / "image.png"), "--pokes", "30,30,60,25",
+                 "--out", str(poked), "--grid", "8", "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", str(tiny_5b_path), "--flow", str(poked / "flow.safetensors"), "--prompt",
+                 "a red ball", "--out", str(out), "--flow-scale", "3", *TINY_VIDEO]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["result.mp4", "run.json"]
+    with av.open(str(out / "result.mp4")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
+    run = json.loads((out / "run.json").read_text())
+    assert run["job"] == "transfer_flow" and run["settings"]["flow_metadata"]["pokes"] == "30,30,60,25"
+    assert run["settings"]["target"]["scale"] == 3.0 and run["guidance"]["kv_injection_blocks"] == []
+    assert all(step[-1] < step[0] for step in run["loss_per_step"]) and len(run["loss_per_step"]) == 2
+
+
+def test_bad_flow_input_is_one_line_before_the_model_loads(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    still, other = tmp_path / "still.safetensors", tmp_path / "other.safetensors"
+    save_file({"flow": torch.zeros(60, 90, 2)}, str(still))
+    save_file({"weights": torch.zeros(3)}, str(other))
+    base = ["transfer", "--model", str(tmp_path / "no_model"), "--prompt", "x", "--out", str(tmp_path / "out"),
+            *TINY_VIDEO]
+    for args, message in [
+        (["--flow", str(still)], "the motion target is still everywhere"),
+        (["--flow", str(other)], "holds no tensor 'flow' (it has weights)"),
+        (["--flow", str(tmp_path / "missing.safetensors")], "does not exist; make one with 'python -m ditflow poke'"),
+        (["--flow", str(still), "--loss", "smm"], "a flow gives an AMF motion target"),
+    ]:
+        assert main(base + args) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):  # argparse: one of them, not both
+        main(base + ["--flow", str(still), "--video", str(files / "image.png")])
+    assert "not allowed with argument" in capsys.readouterr().err
