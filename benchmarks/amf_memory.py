@@ -4,6 +4,7 @@
 Usage (from the repository root)::
 
     python benchmarks/amf_memory.py                  # 2b/5b × 13/6 latent frames on the 30×45 grid, CPU, fp32
+    python benchmarks/amf_memory.py --models 1.5     # CogVideoX 1.5 at its native size: 11 token frames × 48×85
     python benchmarks/amf_memory.py --device cuda    # same on a GPU, bf16 q/k as the models run
     python benchmarks/amf_memory.py --small          # CI-sized smoke case
 
@@ -29,9 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADS = {"2b": 30, "5b": 48}  # CogVideoX-2b / -5b attention heads; head_dim 64 for both
-HEAD_DIM = 64
-GRID_HW = (30, 45)  # 480×720 px → 60×90 latent → 30×45 patches
+HEAD_DIM = 64  # every CogVideoX
+#: model → (attention heads, patch grid h×w, default token frames). 2b/5b at 480×720 px → 60×90 latent → 30×45
+#: patches, 13 latent frames = 49 video frames; CogVideoX 1.5 at its native 768×1360 px → 96×170 → 48×85 patches,
+#: 81 frames → 21 latent frames, padded to 22 → 11 token frames (temporal patch 2): 44,880 video tokens.
+MODELS = {"2b": (30, (30, 45), (13, 6, 2)), "5b": (48, (30, 45), (13, 6, 2)), "1.5": (48, (48, 85), (11,))}
 GB = 1e9
 #: Run a naive case only if its estimated need fits in this fraction of the free memory (the machine is shared).
 AVAILABLE_FRACTION = 0.75
@@ -150,8 +153,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", default=None, help="q/k dtype (default: float32 on cpu, bfloat16 on cuda)")
-    parser.add_argument("--models", nargs="+", choices=sorted(HEADS), default=["2b", "5b"])
-    parser.add_argument("--frames", nargs="+", type=int, default=[13, 6, 2], help="latent frames (13 = 49 video frames; 2 is where naive fits in 24 GB at 30×45)")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["2b", "5b"])
+    parser.add_argument("--frames", nargs="+", type=int, default=None, help="token frames (default 13, 6, 2 on "
+                        "2b/5b: 13 = 49 video frames, 2 is where naive fits in 24 GB at 30×45; 11 on 1.5)")
     parser.add_argument("--small", action="store_true", help="one CI-sized case: 4 heads, 3 frames, 6×9 patches")
     parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -166,7 +170,7 @@ def main() -> None:
     if args.small:
         cases = [("small", 4, (3, 6, 9))]
     else:
-        cases = [(m, HEADS[m], (f, *GRID_HW)) for m in args.models for f in args.frames]
+        cases = [(m, MODELS[m][0], (f, *MODELS[m][1])) for m in args.models for f in (args.frames or MODELS[m][2])]
 
     print(f"AMF soft loss forward+backward, {args.device}, q/k {args.dtype}, head_dim {HEAD_DIM}; "
           "memory above q and k; workspace = peak − ∂q − ∂k\n")

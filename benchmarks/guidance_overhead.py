@@ -123,10 +123,11 @@ class _ByteTokenizer:
 
 
 def build_model(size: str, device: str, dtype: torch.dtype, vae: str):
-    """A random-init :class:`ditflow.loading.CogVideoX` of ``size`` on ``device`` in ``dtype``."""
+    """A random-init :class:`ditflow.backbones.cogvideox.model.CogVideoX` of ``size`` on ``device`` in ``dtype``."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
 
-    from ditflow.loading import CogVideoX
+    from ditflow.backbones.cogvideox.model import CogVideoX
+    from ditflow.backbones.cogvideox.variants import VARIANTS
 
     tcfg = TRANSFORMER[size]
     torch.manual_seed(0)
@@ -147,7 +148,7 @@ def build_model(size: str, device: str, dtype: torch.dtype, vae: str):
     family = FAMILY[size]
     return CogVideoX(
         transformer=transformer, vae=vae_model, text_encoder=text, tokenizer=_ByteTokenizer(),
-        scheduler_config=dict(SCHEDULER, snr_shift_scale=SNR_SHIFT[family]), family=family, dtype=dtype,
+        scheduler_config=dict(SCHEDULER, snr_shift_scale=SNR_SHIFT[family]), spec=VARIANTS[family], dtype=dtype,
         path=f"random-init {size}", transformer_config=dict(transformer.config),
         vae_config={"scaling_factor": SCALING[size]},
     )
@@ -273,7 +274,7 @@ def counting_blocks(transformer):
 
 def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae: bool, guided: bool) -> dict:
     """One generation; returns per-phase seconds, the transformer-phase total, block forwards and peak memory."""
-    from ditflow.reference import decode_latents, encode_video, extract_reference
+    from ditflow.reference import extract_reference
     from ditflow.sampler import sample
 
     times: dict[str, float] = {}
@@ -283,7 +284,7 @@ def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae:
     if guided:
         with meter.timed(times, "reference encode"):
             if vae:
-                latents = encode_video(model, reference_frames)
+                latents = model.encode_video(reference_frames)
             else:
                 latents = torch.randn(1, (frames - 1) // 4 + 1, 16, height // 8, width // 8)
     cpu0 = time.process_time()
@@ -298,7 +299,7 @@ def run_once(model, prompt, config, *, size, reference_frames, seed, meter, vae:
         times[f"  {key}"] = value
     if vae:
         with meter.timed(times, "decode"):
-            decode_latents(model, result.latents)
+            model.decode_latents(result.latents)
     times["transformer phases"] = times.get("AMF extraction", 0.0) + times["sampling (total)"]
     return {"times": times, "peak": meter.peak(), "cpu": cpu, "losses": result.losses, "blocks": blocks[0]}
 
@@ -319,8 +320,7 @@ def _cpu_name() -> str:
 
 def main(argv: list[str] | None = None) -> None:
     from ditflow import GuidanceConfig, Mode
-    from ditflow.layout import token_grid
-    from ditflow.loading import parse_dtype
+    from ditflow.backbones.cogvideox.loading import parse_dtype
     from ditflow.memory import estimate_memory, free_bytes, plan_memory
     from ditflow.text import encode_prompt
 
@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                           num_inference_steps=steps, opt_steps=args.opt_steps,
                           guidance_fraction=args.guidance_fraction)
     unguided_cfg = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=(), num_inference_steps=steps)
-    plan = plan_memory(estimate_memory(model, token_grid(frames, height, width), base.resolved(family, num_blocks)),
+    plan = plan_memory(estimate_memory(model, model.geometry(frames, height, width).token_grid, base.resolved(model)),
                        free, offload="none", on_cpu=device == "cpu")
     ckpt = {"on": [True], "off": [False], "both": [True, False], "auto": [plan.gradient_checkpointing]}[args.checkpointing]
     size = (frames, height, width)
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
             if name not in runs or r["times"]["transformer phases"] < runs[name]["times"]["transformer phases"]:
                 runs[name] = r
 
-    resolved = base.resolved(family, num_blocks)
+    resolved = base.resolved(model)
     video_tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
     beta = backward_factor(model, video_tokens, device)
 

@@ -13,7 +13,7 @@ component and before any tensor is read:
    index may name only ``.safetensors`` files beside it, never a pickled ``.bin``; and the tensors' names, shapes
    and dtypes are exactly what the config's model needs: none missing, none extra, none of another shape.
 
-The scheduler config is checked by building the scheduler (:meth:`ditflow.loading.CogVideoX.make_scheduler`).
+The scheduler config is checked by building the scheduler (:meth:`ditflow.backbones.cogvideox.model.CogVideoX.make_scheduler`).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def check_config(kind: str, config, path: Path) -> dict:
     Raises:
         DiTFlowError: not a JSON object, a size field that is not a positive integer or a scale that is not a
             positive number (quoting it), or a model config the library cannot build a model from (quoting the
-            library's complaint). Schedulers are built by :func:`ditflow.loading.build_scheduler`.
+            library's complaint). Schedulers are built by :func:`ditflow.backbones.cogvideox.schedule.build_scheduler`.
     """
     advice = _advice(path.parent)
     if not isinstance(config, dict):

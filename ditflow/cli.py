@@ -16,7 +16,8 @@ import os
 import signal
 import sys
 
-from .config import DEFAULT_GUIDANCE_BLOCK, GuidanceConfig, Loss, Mode, ReferenceOptions
+from .backbones.cogvideox.variants import VARIANTS
+from .config import GuidanceConfig, Loss, Mode, ReferenceOptions
 from .errors import DiTFlowError
 from .memory import CHECKPOINTING, OFFLOAD
 
@@ -106,6 +107,10 @@ def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> 
     r.add_argument("--reference-sample-seed", type=int, default=None,
                    help="encode the reference with a seeded posterior sample instead of the posterior mean"
                    + (" (default: as recorded)" if replay else ""))
+    r.add_argument("--image", default=None,
+                   help="image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V): the start frame, an image "
+                   "file (png/jpg/webp) or a video's first frame, fitted to the size like the reference (default: the "
+                   "reference's first frame" + ("; without --video it is needed" if replay else "") + ")")
     if not replay:
         f = p.add_argument_group("motion from a flow (--flow)")
         f.add_argument("--flow-scale", type=float, default=1.0, help="multiplies the flow (default 1)")
@@ -159,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(t, steps=True)
     g = t.add_argument_group("guidance (paper defaults: DiTFlow §4.3, §5.1)")
     g.add_argument("--mode", default=_DEFAULTS.mode.value, choices=[m.value for m in Mode],
-                   help="latent: optimise z_t (best motion); rope: RoPE tables (5B), posemb: sin-cos table (2B) — "
+                   help="latent: optimise z_t (best motion); rope: RoPE tables (5B, I2V and 1.5 models), posemb: sin-cos "
+                   "table (2B) — "
                    "both saved for reuse with 'inject'; none: no optimisation ('backbone' with --kv-injection none, "
                    "the 'injection only' baseline with KV injection on). Default latent")
     g.add_argument("--loss", default=_DEFAULTS.loss.value, choices=[x.value for x in Loss],
@@ -168,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "spatial-mean differences of the block output (the paper's baselines, ported to the DiT)")
     g.add_argument("--guidance-blocks", type=_ints, default=(),
                    help=f"block(s) whose attention gives the AMF (or whose output gives the MOFT/SMM features), e.g. 20 or 10,15,20 (default "
-                   f"{DEFAULT_GUIDANCE_BLOCK['5b']} on 5B, {DEFAULT_GUIDANCE_BLOCK['2b']} on 2B)")
+                   f"the model's: {', '.join(f'{v.defaults.guidance_block} on {k}' for k, v in VARIANTS.items())})")
     g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
     g.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
@@ -238,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "each range are used (24 → 21; default: no cap)")
     b.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
                    help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
-    b.add_argument("--guidance-blocks", type=_ints, default=(), help="guidance block(s) (default: the family's)")
+    b.add_argument("--guidance-blocks", type=_ints, default=(), help="guidance block(s) (default: the model's)")
     b.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
                    help=f"leading fraction of guided steps (default {_DEFAULTS.guidance_fraction})")
     b.add_argument("--opt-steps", type=int, default=_DEFAULTS.opt_steps,
@@ -528,13 +534,14 @@ def _run(args, jobs) -> dict | None:
         reference = _reference_options(args)
         return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
                              negative_prompt=args.negative_prompt, reference=reference, config=config, seed=args.seed,
-                             fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
+                             fps=args.fps, overwrite=args.overwrite, image=args.image, callback=_Progress(),
+                             log=_log)
     else:
         from .embeds import load_embeds
 
         config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=args.kv_injection, **_cfg_kwargs(args))
         reference = _reference_options(args, load_embeds(args.embeds)) if args.video else None
-        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, video=args.video,
+        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, video=args.video, image=args.image,
                            reference=reference, negative_prompt=args.negative_prompt, config=config, seed=args.seed,
                            fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
     return None

@@ -83,13 +83,6 @@ def check_number(name: str, value, low: float, high: float, usual: str, *, low_o
     return number
 
 
-#: Paper's guidance block per model family (§5.1: block 20 on 5B; 15 on 2B).
-DEFAULT_GUIDANCE_BLOCK = {"2b": 15, "5b": 20}
-
-#: Scheduler defaults per family, as in the CogVideoX model cards (static CFG 6 on 2B, dynamic CFG on 5B).
-DEFAULT_CFG = {"2b": (6.0, False), "5b": (6.0, True)}
-
-
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Every knob of guided sampling, with the paper's defaults.
@@ -98,8 +91,8 @@ class GuidanceConfig:
         mode: what is optimised, see :class:`Mode`.
         loss: what the optimisation compares, see :class:`Loss` (DiTFlow: ``amf``; baselines ``moft``, ``smm``).
         guidance_blocks: transformer blocks whose attention gives the AMF (or whose output features give the
-            MOFT/SMM loss); ``()`` means the family default
-            (:data:`DEFAULT_GUIDANCE_BLOCK`). Several blocks average their losses (§5.3 ablation {10, 15, 20}).
+            MOFT/SMM loss); ``()`` means the model's default
+            (:attr:`~ditflow.backbones.base.Defaults.guidance_block`). Several blocks average their losses (§5.3 ablation {10, 15, 20}).
         temperature: τ multiplying the head-averaged logits before the softmax (Eq. 3; authors' ``motion_temp`` = 2).
         guidance_fraction: T_opt, the leading fraction of denoising steps that are guided (paper: 20 %).
         opt_steps: K_opt, Adam iterations per guided step, each with a fresh Adam (paper: 5).
@@ -108,8 +101,8 @@ class GuidanceConfig:
         kv_injection_blocks: blocks where the generated video K/V are replaced by the noised reference's
             during guided steps (§3 "KV injection"; authors' default block 0); ``()`` turns injection off.
         num_inference_steps: denoising steps (paper: 50).
-        guidance_scale: classifier-free guidance weight w; ``None`` means the family default (:data:`DEFAULT_CFG`).
-        dynamic_cfg: cosine-ramped CFG as diffusers does for 5B; ``None`` means the family default.
+        guidance_scale: classifier-free guidance weight w; ``None`` means the model's default (its :class:`~ditflow.backbones.base.Defaults`).
+        dynamic_cfg: cosine-ramped CFG as diffusers does for the 5B models; ``None`` means the model's default.
         gradient_checkpointing: recompute block activations in the backward of optimisation passes.
 
     Raises:
@@ -161,16 +154,18 @@ class GuidanceConfig:
             return self.lr_start
         return self.lr_start + (self.lr_end - self.lr_start) * guided_step / (n - 1)
 
-    def resolved(self, family: str, num_blocks: int) -> GuidanceConfig:
-        """Fill the family defaults and check blocks against the model; raises :class:`DiTFlowError`."""
-        blocks = self.guidance_blocks or (DEFAULT_GUIDANCE_BLOCK[family],)
+    def resolved(self, model) -> GuidanceConfig:
+        """Fill ``model``'s defaults (:class:`~ditflow.backbones.base.Defaults`) and check the blocks and the mode
+        against it (:func:`~ditflow.params.check_mode`: a mode needs the positions it optimises); raises
+        :class:`DiTFlowError`."""
+        from .params import check_mode
+
+        num_blocks, defaults = model.num_blocks, model.defaults
+        blocks = self.guidance_blocks or (defaults.guidance_block,)
         if self.mode is Mode.NONE:  # no AMF or feature is read: the blocks are not used
             blocks = self.guidance_blocks
-        cfg, dyn = DEFAULT_CFG[family]
-        if self.mode is Mode.ROPE and family != "5b":
-            raise DiTFlowError("mode 'rope' needs a RoPE model (CogVideoX-5b); use 'posemb' on CogVideoX-2b.")
-        if self.mode is Mode.POSEMB and family != "2b":
-            raise DiTFlowError("mode 'posemb' needs a sin-cos model (CogVideoX-2b); use 'rope' on CogVideoX-5b.")
+        check_mode(self.mode, model)
+        cfg, dyn = defaults.cfg, defaults.dynamic_cfg
         return dataclasses.replace(
             self,
             guidance_blocks=check_blocks(blocks, num_blocks),

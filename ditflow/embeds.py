@@ -4,7 +4,9 @@
 A run that optimises RoPE (5B) or the sin-cos table (2B) saves one table per guided timestep; a later run with a
 new prompt and no reference injects them zero-shot at the same steps (paper Fig. 7). Differs from the authors'
 script (method.md §6): no pickle (``torch.save`` of a dict keyed by tensor reprs); the metadata names the model
-family and grid so a mismatch is refused with both values instead of producing noise.
+variant and grid so a mismatch is refused with both values instead of producing noise. The metadata key
+``model_family`` keeps its name from format 1 (when only 2b and 5b existed); its value is the model's variant key
+(:data:`ditflow.backbones.VARIANT_KEYS`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from .backbones import VARIANT_KEYS
 from .config import Mode, ReferenceOptions
 from .errors import DiTFlowError, check_finite
 from .files import atomic_path
@@ -33,7 +36,7 @@ class PositionEmbeds:
     Attributes:
         mode: ``Mode.ROPE`` (tables ``[2 (q, k), 2 (cos, sin), n, head_dim]``) or ``Mode.POSEMB``
             (tables ``[n, inner_dim]``), float32.
-        family: model family they were optimised on ("2b" or "5b").
+        variant: the variant key of the model they were optimised on (``2b``, ``5b``, ``5b-i2v``, ``1.5``, ...).
         grid: latent token grid (F, h, w); ``n = F·h·w``.
         head_dim: attention head dimension of that model.
         num_inference_steps: denoising steps of the run; injection needs the same schedule.
@@ -46,7 +49,7 @@ class PositionEmbeds:
     """
 
     mode: Mode
-    family: str
+    variant: str
     grid: tuple[int, int, int]
     head_dim: int
     num_inference_steps: int
@@ -66,7 +69,7 @@ class PositionEmbeds:
     def check_compatible(self, model, grid: tuple[int, int, int], num_inference_steps: int) -> None:
         """Raises :class:`DiTFlowError` naming both values if these embeddings cannot drive ``model`` at ``grid``."""
         checks = (
-            ("model family", self.family, model.family),
+            ("model", self.variant, model.variant),
             ("attention head dim", self.head_dim, model.head_dim),
             ("latent grid F×h×w", "×".join(map(str, self.grid)), "×".join(map(str, grid))),
             ("number of steps", self.num_inference_steps, num_inference_steps),
@@ -98,7 +101,7 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "mode": embeds.mode.value,
-        "model_family": embeds.family,
+        "model_family": embeds.variant,
         "latent_grid": json.dumps(list(embeds.grid)),
         "head_dim": str(embeds.head_dim),
         "num_inference_steps": str(embeds.num_inference_steps),
@@ -119,7 +122,6 @@ MAX_HEADER_BYTES = 4_000_000  # the JSON header: a few hundred tensor entries an
 MAX_TEXT_CHARS = 65_536  # any metadata field (a T5 prompt uses at most 226 tokens, about 1,500 characters)
 MAX_STEPS = 1000  # CogVideoX schedulers have 1000 training timesteps
 MAX_GRID = (1024, 1024, 1024)  # latent frames, patch rows, patch columns (49 frames at 480×720 is 13×30×45)
-_FAMILIES = ("2b", "5b")
 _TABLE_DTYPES = {"F32", "F16", "BF16"}
 _REMAKE = "make it again with a transfer run in mode rope/posemb (or DiTFlow Save Embeds)"
 
@@ -244,8 +246,9 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
     if meta["mode"] not in (Mode.ROPE.value, Mode.POSEMB.value):
         raise DiTFlowError(f"{path} has mode {meta['mode'][:80]!r}; embeddings files hold mode rope or posemb.")
     mode = Mode(meta["mode"])
-    if meta["model_family"] not in _FAMILIES:
-        raise DiTFlowError(f"{path} has model family {meta['model_family'][:80]!r}, not 2b or 5b; {_REMAKE}.")
+    if meta["model_family"] not in VARIANT_KEYS:
+        raise DiTFlowError(f"{path} has model family {meta['model_family'][:80]!r}, not one of "
+                           f"{', '.join(VARIANT_KEYS)}; {_REMAKE}.")
     grid = _ints(meta["latent_grid"], "latent_grid", path, count=3)
     if not all(1 <= g <= hi for g, hi in zip(grid, MAX_GRID)):
         raise DiTFlowError(
@@ -272,7 +275,7 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
     except (SafetensorError, OSError, ValueError) as e:
         raise DiTFlowError(f"{path} is not a readable safetensors file ({e}); give a DiTFlow embeddings file.") from None
     return PositionEmbeds(
-        mode=mode, family=meta["model_family"], grid=grid, head_dim=head_dim, num_inference_steps=steps,
+        mode=mode, variant=meta["model_family"], grid=grid, head_dim=head_dim, num_inference_steps=steps,
         timesteps=timesteps, tables=tables, prompt=meta.get("prompt", ""), reference=meta.get("reference", ""),
         seed=_seed(path, meta), reference_options=_reference_options(path, meta),
     )

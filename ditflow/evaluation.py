@@ -302,10 +302,9 @@ class Worker:
         """The model, loaded on first use with a memory plan for this item's size and the DiTFlow method."""
         if self._cog is None:
             from . import jobs  # looked up at call time, so tests can stand in for the loader
-            from .layout import token_grid
 
-            grid = token_grid(ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
-            self._cog, self._plan = jobs.load_for_run(self.options.model, grid, self.options.config("ditflow"))
+            size = (ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
+            self._cog, self._plan = jobs.load_for_run(self.options.model, size, self.options.config("ditflow"))
         return self._cog
 
     def _clip_or_reason(self):
@@ -323,25 +322,25 @@ class Worker:
     def run(self, item: Item, ref_frames: Tensor) -> tuple[Tensor, dict]:
         """Generates ``item`` and measures it; returns (frames ``[F, 3, H, W]`` in [-1, 1], result record)."""
         from .metrics import clip_score, motion_fidelity
-        from .reference import encode_video
 
         cog, opts = self._load(ref_frames), self.options
         timings: dict[str, float] = {}
-        config = dataclasses.replace(opts.config(item.method).resolved(cog.family, cog.num_blocks),
+        config = dataclasses.replace(opts.config(item.method).resolved(cog),
                                      gradient_checkpointing=self._plan.gradient_checkpointing)
         tic = time.perf_counter()
         name = item.video.name
         if name not in self._latents:
             with cog.on_device("vae"):
-                self._latents[name] = encode_video(cog, ref_frames)
+                self._latents[name] = cog.encode_video(ref_frames)
         key = (name, config.mode, config.loss, config.guidance_blocks, config.temperature, bool(config.kv_injection_blocks))
         if key not in self._motion:
             self._motion[key] = reference_motion(cog, self._latents[name], config)
         timings["reference"] = time.perf_counter() - tic
         tic = time.perf_counter()
         size = (ref_frames.shape[0], ref_frames.shape[2], ref_frames.shape[3])
+        image = ref_frames[0] if cog.needs_image else None  # I2V: the reference's first frame starts the video
         frames, result = generate(cog, item.prompt, config, self._motion[key], size=size,
-                                  negative_prompt=opts.negative_prompt, seed=opts.seed, timings=timings)
+                                  negative_prompt=opts.negative_prompt, seed=opts.seed, timings=timings, image=image)
         timings["generate"] = time.perf_counter() - tic
 
         tic = time.perf_counter()
@@ -360,7 +359,7 @@ class Worker:
             "video": name, "method": item.method, "prompt_kind": item.kind, "prompt": item.prompt,
             "mf": mf.score, "tracker": mf.tracker, "iq": iq, "iq_skipped": iq_skipped,
             "frames": int(frames.shape[0]), "size": [opts.height, opts.width], "seed": opts.seed,
-            "model": str(opts.model.path), "model_family": cog.family,
+            "model": str(opts.model.path), "model_family": cog.variant,
             "guidance": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()},
             "memory": memory_record(self._plan, opts.model.device),
             "loss_per_step": result.losses, "timings_s": timings,

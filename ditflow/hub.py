@@ -8,7 +8,7 @@ missing file. Only configs, safetensors weights (with their shard indexes) and t
 with ``huggingface_hub``'s progress bars on stderr. With ``HF_HUB_OFFLINE=1`` nothing is fetched and a model that is
 not complete in the cache gets one sentence naming the id and the command that downloads it.
 
-Everything is then loaded from that folder by :func:`ditflow.loading.load_cogvideox`, the same code as for a folder.
+Everything is then loaded from that folder by :func:`ditflow.backbones.cogvideox.loading.load_cogvideox`, the same code as for a folder.
 """
 
 from __future__ import annotations
@@ -23,10 +23,15 @@ from .errors import DiTFlowError
 #: A hub id is ``owner/name``; anything else that is not an existing folder is a missing local path.
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
-#: Folder names (as in ``models/CogVideo/<name>``) of the models this pack supports → their hub ids, and the size
-#: of the full download (configs + safetensors + tokenizer; the T5 text encoder alone is ≈ 9.5 GB of it).
-KNOWN_MODELS = {"CogVideoX-5b": "THUDM/CogVideoX-5b", "CogVideoX-2b": "THUDM/CogVideoX-2b"}
-_SIZES = {"THUDM/CogVideoX-5b": "≈ 21 GB", "THUDM/CogVideoX-2b": "≈ 13 GB"}
+#: Folder names (as in ``models/CogVideo/<name>``) of the models this pack supports → their hub ids (5b first: the
+#: loader's default), and the size of the full download (configs + safetensors + tokenizer; the T5 text encoder alone
+#: is ≈ 9.5 GB of it). The I2V and 1.5 models have 5b's networks (42 blocks, 48 × 64), so their size is 5b's,
+#: estimated from their configs (their downloads were not measured here).
+KNOWN_MODELS = {"CogVideoX-5b": "THUDM/CogVideoX-5b", "CogVideoX-2b": "THUDM/CogVideoX-2b",
+                "CogVideoX-5b-I2V": "THUDM/CogVideoX-5b-I2V", "CogVideoX1.5-5B": "THUDM/CogVideoX1.5-5B",
+                "CogVideoX1.5-5B-I2V": "THUDM/CogVideoX1.5-5B-I2V"}
+_SIZES = {"THUDM/CogVideoX-5b": "≈ 21 GB", "THUDM/CogVideoX-2b": "≈ 13 GB", "THUDM/CogVideoX-5b-I2V": "≈ 21 GB",
+          "THUDM/CogVideoX1.5-5B": "≈ 21 GB", "THUDM/CogVideoX1.5-5B-I2V": "≈ 21 GB"}
 
 #: The subfolders of a diffusers CogVideoX repository, in download order.
 SUBFOLDERS = ("scheduler", "tokenizer", "vae", "transformer", "text_encoder")

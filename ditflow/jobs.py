@@ -20,35 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from . import __version__
 from .config import AUTO, GuidanceConfig, Mode, ReferenceOptions
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError, collected_warnings, collecting_warnings
 from .files import write_json
-from .layout import (
-    MIN_FRAMES,
-    NATIVE_FRAMES,
-    PATCH_SIZE,
-    PIXELS_PER_PATCH,
-    largest_frame_count,
-    latent_frames,
-    token_grid,
-    video_frames,
-)
+from .backbones import size_of_grid, token_grid
+from .layout import MIN_FRAMES, NATIVE_FRAMES, largest_frame_count
+from .limits import check_decode_fits
 from .memory import GB, MemoryPlan, estimate_memory, free_bytes, peak_bytes, plan_memory, reset_peak
 from .outputs import OutputSet
-from .reference import (
-    ReferenceMotion,
-    check_decode_fits,
-    decode_latents,
-    encode_video,
-    extract_reference,
-    reference_without_amf,
-)
-from .sampler import Callback, SampleResult, sample
+from .reference import ReferenceMotion, extract_reference, reference_without_amf
+from .sampler import Callback, SampleResult, sample, sampling_geometry
 from .text import encode_prompt
-from .video import FOLDER_FPS, check_fps, load_video, prepare_reference, selectable_frames, write_video
+from .video import FOLDER_FPS, check_fps, load_start_image, load_video, prepare_reference, selectable_frames, write_video
 
 
 @dataclass(frozen=True)
@@ -106,9 +93,10 @@ def _record(kind: str, settings: dict, config: GuidanceConfig, result: SampleRes
     }
 
 
-def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: GuidanceConfig, *,
-                 log: Callable[[str], None] | None = None):
-    """Loads the model and settles its memory plan for a run of ``config`` at the latent ``grid`` (F, h, w).
+def load_for_run(options: ModelOptions, size: tuple[int, int, int] | None, config: GuidanceConfig, *,
+                 grid: tuple[int, int, int] | None = None, log: Callable[[str], None] | None = None):
+    """Loads the model and settles its memory plan for a run of ``config`` at the video ``size`` (frames, height,
+    width in px), or, without a size, at the token ``grid`` (F, h, w) of saved embeddings.
 
     The free memory is read before any weight reaches the device and the peak-memory counter restarts; the
     networks load on the CPU, then stay there between uses (``sequential``) or move to the device for good
@@ -116,16 +104,17 @@ def load_for_run(options: ModelOptions, grid: tuple[int, int, int], config: Guid
     reasons.
 
     Returns:
-        (:class:`~ditflow.loading.CogVideoX`, :class:`~ditflow.memory.MemoryPlan`).
+        (the loaded backbone, :class:`~ditflow.memory.MemoryPlan`).
     """
-    from .loading import load_cogvideox
+    from .backbones import load_model
 
     free = free_bytes(options.device)
     reset_peak(options.device)
-    cog = load_cogvideox(options.path, dtype=options.dtype, device=options.device, vae_tiling=options.vae_tiling,
-                         vae_slicing=options.vae_slicing, offload=True, text_encoder_file=options.text_encoder_file,
-                         tokenizer_path=options.tokenizer_path, log=log)
-    estimate = estimate_memory(cog, grid, config.resolved(cog.family, cog.num_blocks))
+    cog = load_model(options.path, dtype=options.dtype, device=options.device, vae_tiling=options.vae_tiling,
+                     vae_slicing=options.vae_slicing, offload=True, text_encoder_file=options.text_encoder_file,
+                     tokenizer_path=options.tokenizer_path, log=log)
+    grid = cog.geometry(*size).token_grid if size is not None else grid
+    estimate = estimate_memory(cog, grid, config.resolved(cog))
     plan = plan_memory(estimate, free, offload=options.offload, gradient_checkpointing=options.gradient_checkpointing,
                        on_cpu=torch.device(options.device).type == "cpu")
     if plan.offload == "none":
@@ -169,34 +158,34 @@ def generate(
     callback: Callback | None = None,
     timings: dict | None = None,
     embeds: PositionEmbeds | None = None,
+    image: Tensor | None = None,
 ):
     """Prompt → guided sample → decoded frames with an already loaded model (the core of :func:`transfer`).
 
     Args:
-        cog: a loaded :class:`~ditflow.loading.CogVideoX`.
+        cog: a loaded backbone (:func:`load_for_run`).
         config: guidance settings, resolved for ``cog`` (:meth:`GuidanceConfig.resolved`).
         motion: from :func:`reference_motion` (``None`` for the backbone).
         size: (frames, height, width) in px; needed when ``motion`` is ``None`` (else checked against it).
         timings: if given, ``encode_prompt`` and ``decode`` seconds are added to it.
         embeds: saved positional embeddings to inject zero-shot (see :func:`~ditflow.sampler.sample`).
+        image: the start frame ``[3, H, W]`` in [-1, 1] of an image-to-video model (``cog.needs_image``).
     Returns:
         (frames ``[F, 3, H, W]`` in [-1, 1], :class:`~ditflow.sampler.SampleResult`).
     """
     timings = {} if timings is None else timings
-    grid = motion.grid if motion is not None else embeds.grid if embeds is not None else None
-    grid = token_grid(*size) if grid is None and size is not None else grid
-    if grid is not None:  # the decoded video must fit: refuse now rather than after minutes of sampling
-        check_decode_fits(grid[0], grid[1] * PATCH_SIZE, grid[2] * PATCH_SIZE)
+    geometry = sampling_geometry(cog, motion, embeds, size)
+    check_decode_fits(*geometry.size)  # the decoded video must fit: refuse now rather than after minutes of sampling
     tic = time.perf_counter()
     with cog.on_device("text_encoder"):
         embeds_text = encode_prompt(cog, prompt, negative_prompt)
     timings["encode_prompt"] = time.perf_counter() - tic
-    with cog.on_device("transformer"):
+    with cog.on_device("transformer", *(("vae",) if cog.needs_image else ())):  # I2V: the start image is encoded
         result = sample(cog, embeds_text, config, size=size, seed=seed, reference=motion, embeds=embeds,
-                        callback=callback)
+                        image=image, callback=callback)
     tic = time.perf_counter()
     with cog.on_device("vae"):
-        out_frames = decode_latents(cog, result.latents)
+        out_frames = cog.decode_latents(result.latents)
     timings["decode"] = time.perf_counter() - tic
     return out_frames, result
 
@@ -237,6 +226,31 @@ def read_reference(video: str | os.PathLike, reference: ReferenceOptions, log: C
     return ref_frames, src_fps
 
 
+def start_frame(cog, image: str | os.PathLike | None, ref_frames: Tensor | None, reference: ReferenceOptions | None,
+                size: tuple[int, int, int] | None = None) -> Tensor | None:
+    """The start frame ``[3, H, W]`` in [-1, 1] of an image-to-video model: the ``image`` file fitted to the video's
+    size as the reference's frames were (``reference.resize``; centre crop without a reference), else the
+    reference's first frame; ``None`` for a text-to-video model. ``size`` (frames, height, width) is needed without
+    ``ref_frames``.
+
+    Raises:
+        DiTFlowError: an image given to a text-to-video model, none for an image-to-video model without a reference,
+            or an unreadable image file.
+    """
+    if not cog.needs_image:
+        if image is not None:
+            raise DiTFlowError(f"{cog.name} is text-to-video and takes no start image; drop --image or load an "
+                               "image-to-video model.")
+        return None
+    if image is None:
+        if ref_frames is None:
+            raise DiTFlowError(f"{cog.name} generates from a start image; give one with --image (or the reference "
+                               "video with --video, whose first frame is then used).")
+        return ref_frames[0].clone()
+    height, width = (ref_frames.shape[2], ref_frames.shape[3]) if ref_frames is not None else size[1:]
+    return load_start_image(image, height=height, width=width, resize=reference.resize if reference else "crop")
+
+
 def _write_all(out: OutputSet, folder: Path, writers: dict) -> None:
     """Runs ``writers`` (file name → function of its path) into the staging ``folder`` of ``out``."""
     try:
@@ -271,6 +285,7 @@ def transfer(
     seed: int = 0,
     fps: float | None = None,
     overwrite: bool = False,
+    image: str | os.PathLike | None = None,
     callback: Callback | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
@@ -285,12 +300,13 @@ def transfer(
     Args:
         fps: frame rate of the written videos (default: the reference's over ``reference.stride``).
         overwrite: replace a non-empty ``out_dir`` (at the end, as a whole); without it a non-empty one is refused.
+        image: image-to-video models: the start frame's image file (default: the reference's first frame).
     Raises:
         DiTFlowError: any bad input (output folder, fps, video, sizes, frames, blocks, model), before the model is
             loaded where possible; a run that goes non-finite; a failed write (``out_dir`` is then unchanged).
     """
     check_fps(fps)
-    out = OutputSet(out_dir, overwrite=overwrite, inputs=(video, model.path))
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=(video, model.path) + (() if image is None else (image,)))
     with out as folder:
         timings = {}
         tic = time.perf_counter()
@@ -300,24 +316,25 @@ def transfer(
 
         tic = time.perf_counter()
         size = tuple(ref_frames.shape[i] for i in (0, 2, 3))  # frames, height, width
-        cog, plan = load_for_run(model, token_grid(*size), config, log=log)
+        cog, plan = load_for_run(model, size, config, log=log)
         timings["load_model"] = time.perf_counter() - tic
-        resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks),
-                                       gradient_checkpointing=plan.gradient_checkpointing)
+        resolved = dataclasses.replace(config.resolved(cog), gradient_checkpointing=plan.gradient_checkpointing)
+        start = start_frame(cog, image, ref_frames, reference)
 
         tic = time.perf_counter()
         with cog.on_device("vae"):
-            ref_latents = encode_video(cog, ref_frames, sample_seed=reference.sample_seed)
+            ref_latents = cog.encode_video(ref_frames, sample_seed=reference.sample_seed)
         timings["encode_reference"] = time.perf_counter() - tic
         tic = time.perf_counter()
         motion = reference_motion(cog, ref_latents, resolved)
         timings["extract_amf"] = time.perf_counter() - tic
 
         out_frames, result = generate(cog, prompt, resolved, motion, size=size, negative_prompt=negative_prompt,
-                                      seed=seed, callback=callback, timings=timings)
+                                      seed=seed, callback=callback, timings=timings, image=start)
 
         settings = {
-            "model": dataclasses.asdict(model), "model_family": cog.family, "video": str(video), "prompt": prompt,
+            "model": dataclasses.asdict(model), "model_family": cog.variant, "video": str(video), "prompt": prompt,
+            "image": None if start is None else (str(image) if image is not None else "the reference's first frame"),
             "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference),
             "num_frames": int(ref_frames.shape[0]), "seed": seed, "fps": out_fps,
             "frames_written": int(out_frames.shape[0]),
@@ -382,14 +399,14 @@ def transfer_flow(
         motion_at(config.guidance_blocks or (0,))
         timings = {}
         tic = time.perf_counter()
-        cog, plan = load_for_run(model, token_grid(*size), config, log=log)
+        cog, plan = load_for_run(model, size, config, log=log)
         timings["load_model"] = time.perf_counter() - tic
-        resolved = dataclasses.replace(config.resolved(cog.family, cog.num_blocks), kv_injection_blocks=(),
+        resolved = dataclasses.replace(config.resolved(cog), kv_injection_blocks=(),
                                        gradient_checkpointing=plan.gradient_checkpointing)
         out_frames, result = generate(cog, prompt, resolved, motion_at(resolved.guidance_blocks), size=size,
                                       negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings)
         settings = {
-            "model": dataclasses.asdict(model), "model_family": cog.family, "flow": str(flow_path),
+            "model": dataclasses.asdict(model), "model_family": cog.variant, "flow": str(flow_path),
             "flow_metadata": flow_metadata, "target": dataclasses.asdict(target), "prompt": prompt,
             "negative_prompt": negative_prompt, "num_frames": size[0], "seed": seed, "fps": fps,
             "frames_written": int(out_frames.shape[0]),
@@ -407,12 +424,12 @@ def replay_reference(embeds: PositionEmbeds, reference: ReferenceOptions | None 
     Raises:
         DiTFlowError: if those options give another latent grid than the embeddings' (the message gives both).
     """
-    frames, h, w = embeds.grid
-    own = ReferenceOptions(num_frames=video_frames(frames), height=h * PIXELS_PER_PATCH, width=w * PIXELS_PER_PATCH)
+    frames, height, width = size_of_grid(embeds.variant, tuple(embeds.grid))
+    own = ReferenceOptions(num_frames=frames, height=height, width=width)
     if reference is None:
         reference = ReferenceOptions(**embeds.reference_options) if embeds.reference_options else own
-    grid = (latent_frames(reference.num_frames), reference.height // PIXELS_PER_PATCH,
-            reference.width // PIXELS_PER_PATCH)
+    # Token grids compare (CogVideoX 1.5: 2 latent frames a token); the embeddings' own size has the fewest frames.
+    grid = token_grid(embeds.variant, reference.num_frames, reference.height, reference.width)
     if grid != tuple(embeds.grid):
         raise DiTFlowError(
             f"the reference for KV injection ({reference.num_frames} frames at {reference.height}×{reference.width} px, "
@@ -430,6 +447,7 @@ def inject(
     out_dir: str | os.PathLike,
     *,
     video: str | os.PathLike | None = None,
+    image: str | os.PathLike | None = None,
     reference: ReferenceOptions | None = None,
     negative_prompt: str = "",
     config: GuidanceConfig = GuidanceConfig(mode=Mode.NONE),
@@ -448,13 +466,15 @@ def inject(
     Publishes ``result.mp4`` and ``run.json`` as ``out_dir`` (see the module docstring); returns the run record.
 
     Args:
+        image: image-to-video models: the start frame's image file (default: the ``video``'s first frame; one of
+            them is needed).
         fps: frame rate of the written video (default :data:`~ditflow.video.FOLDER_FPS`, CogVideoX's 8).
         overwrite, log: as for :func:`transfer`.
     Raises:
         DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model; a reference of another size.
     """
     fps = FOLDER_FPS if check_fps(fps) is None else fps
-    inputs = (embeds_path, model.path) + (() if video is None else (video,))
+    inputs = (embeds_path, model.path) + (() if video is None else (video,)) + (() if image is None else (image,))
     out = OutputSet(out_dir, overwrite=overwrite, inputs=inputs)
     with out as folder:
         timings = {}
@@ -471,22 +491,24 @@ def inject(
         config = dataclasses.replace(config, mode=Mode.NONE, num_inference_steps=embeds.num_inference_steps,
                                      kv_injection_blocks=config.kv_injection_blocks if inject_kv else ())
         tic = time.perf_counter()
-        cog, plan = load_for_run(model, tuple(embeds.grid), config, log=log)
+        cog, plan = load_for_run(model, None, config, grid=tuple(embeds.grid), log=log)
         timings["load_model"] = time.perf_counter() - tic
-        config = config.resolved(cog.family, cog.num_blocks)
+        config = config.resolved(cog)
         motion = None
         if inject_kv:
             tic = time.perf_counter()
             with cog.on_device("vae"):
-                motion = reference_without_amf(cog, encode_video(cog, ref_frames, sample_seed=reference.sample_seed))
+                motion = reference_without_amf(cog, cog.encode_video(ref_frames, sample_seed=reference.sample_seed))
             timings["encode_reference"] = time.perf_counter() - tic
+        start = start_frame(cog, image, ref_frames if inject_kv else None, reference if inject_kv else None,
+                            size=cog.size_of_grid(tuple(embeds.grid)))
         frames, result = generate(cog, prompt, config, motion, negative_prompt=negative_prompt, seed=seed,
-                                  callback=callback, timings=timings, embeds=embeds)
+                                  callback=callback, timings=timings, embeds=embeds, image=start)
         settings = {
-            "model": dataclasses.asdict(model), "model_family": cog.family, "embeds": str(embeds_path),
+            "model": dataclasses.asdict(model), "model_family": cog.variant, "embeds": str(embeds_path),
             "embeds_prompt": embeds.prompt, "embeds_reference": embeds.reference, "prompt": prompt,
             "negative_prompt": negative_prompt, "seed": seed, "fps": fps, "frames_written": int(frames.shape[0]),
-            "latent_grid": list(embeds.grid), "video_frames": video_frames(embeds.grid[0]),
+            "latent_grid": list(embeds.grid), "video_frames": cog.size_of_grid(tuple(embeds.grid))[0],
             "video": None if video is None else str(video),
             "reference": dataclasses.asdict(reference) if inject_kv else None,
         }

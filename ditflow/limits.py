@@ -66,4 +66,11 @@ def require(nbytes: int, what: str, fix: str, device: str | torch.device = "cpu"
         )
 
 
-__all__ = ["FLOAT_BYTES", "available_bytes", "require"]
+def check_decode_fits(frames: int, height: int, width: int) -> None:
+    """Refuses, before any work, a video of ``frames`` × ``height`` × ``width`` px whose decoded frames (float32, on
+    the CPU) cannot fit in memory."""
+    require(frames * 3 * height * width * FLOAT_BYTES, f"decoding {frames} frames of {width}×{height} px",
+            "use a smaller size or fewer frames")
+
+
+__all__ = ["FLOAT_BYTES", "available_bytes", "check_decode_fits", "require"]

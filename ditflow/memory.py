@@ -230,7 +230,7 @@ def _unit(model, grid: tuple[int, int, int]) -> int:
     frames, h, w = grid
     tc = model.transformer_config
     inner = int(tc["num_attention_heads"]) * int(tc["attention_head_dim"])
-    tokens = model.max_text_seq_length + frames * h * w
+    tokens = model.text_tokens + frames * h * w
     return tokens * inner * torch.empty((), dtype=model.dtype).element_size()
 
 
@@ -239,7 +239,7 @@ def text_workspace(model) -> int:
     import torch
 
     text_dim = int(getattr(getattr(model.text_encoder, "config", None), "d_model", 4096))
-    return _TEXT_STATES * model.max_text_seq_length * text_dim * torch.empty((), dtype=model.dtype).element_size()
+    return _TEXT_STATES * model.text_tokens * text_dim * torch.empty((), dtype=model.dtype).element_size()
 
 
 def vae_workspace(model, grid: tuple[int, int, int], tiling: bool | None = None) -> int:
@@ -287,7 +287,7 @@ def estimate_memory(model, grid: tuple[int, int, int], config: GuidanceConfig) -
     """Memory a run of ``config`` at latent ``grid`` needs on the compute device (see the module docstring).
 
     Args:
-        model: a loaded :class:`~ditflow.loading.CogVideoX` (any component may be missing; its weights count 0).
+        model: a loaded backbone (any component may be missing; its weights count 0).
         grid: (F, h, w) token grid of the run (latent frames, patch rows, patch columns).
         config: the run's guidance settings, resolved (:meth:`GuidanceConfig.resolved`); its guidance blocks and
             whether anything is optimised set the guided workspace.
@@ -314,11 +314,11 @@ def plan_sampling(model, config: GuidanceConfig, free: int | None, *, gradient_c
     Raises:
         DiTFlowError: what :func:`~ditflow.sampler.sample` would raise for the grid, blocks or settings.
     """
-    from .sampler import sampling_grid
+    from .sampler import sampling_geometry
 
-    grid = sampling_grid(reference, embeds, size)
+    grid = sampling_geometry(model, reference, embeds, size).token_grid
     blocks = reference.blocks if reference is not None and not config.guidance_blocks else config.guidance_blocks
-    resolved = dataclasses.replace(config, guidance_blocks=blocks).resolved(model.family, model.num_blocks)
+    resolved = dataclasses.replace(config, guidance_blocks=blocks).resolved(model)
     sampling, checkpointed, full = transformer_workspaces(model, grid, resolved)
     if reference is None or embeds is not None:  # nothing to optimise toward (sample refuses or injects)
         checkpointed = full = 0

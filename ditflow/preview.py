@@ -52,7 +52,7 @@ def _smooth_colours(count: int, size: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def fit_latent_rgb(model, *, seed: int = 0) -> LatentRGB:
-    """Fits :class:`LatentRGB` for the VAE of ``model`` (a :class:`~ditflow.loading.CogVideoX`).
+    """Fits :class:`LatentRGB` for the VAE of ``model`` (a loaded backbone).
 
     The VAE's posterior means of :data:`FIT_IMAGES` random smooth colour images (one frame each) against the images'
     colours averaged over each 8×8 px block (the area one latent pixel covers); least squares with a bias.

@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Guided sampling, DiTFlow Alg. 1 (§4.3), as a loop that reads like diffusers' ``CogVideoXPipeline.__call__``.
+"""Guided sampling, DiTFlow Alg. 1 (§4.3), as a loop that reads like diffusers' CogVideoX pipelines' ``__call__``.
 
 Per denoising step t:
   1. (guided steps, injection on) noise the reference latents to t with the run's own initial noise, one
      truncated pass with the target prompt, keep video K/V at the injection blocks (§3 "KV injection").
-  2. (guided steps, optimisation on) K_opt Adam steps, a fresh Adam each step, on z_t or the positional
-     embeddings: truncated pass, target prompt only (no CFG), soft AMF at the guidance blocks, Eq. 8 loss — or,
-     for the baselines (``GuidanceConfig.loss`` ``moft``/``smm``), the block-output features and their loss
-     (:mod:`ditflow.losses`).
+  2. (guided steps, optimisation on) K_opt Adam steps, a fresh Adam each step, on the mode's parameter
+     (:mod:`ditflow.params`: z_t, RoPE tables or the sin-cos table): truncated pass, target prompt only (no CFG),
+     the loss's objective at the guidance blocks (:mod:`ditflow.objectives`: Eq. 8 on the AMF, or MOFT/SMM).
   3. the normal CFG step, cond and uncond batched, with the optimised z_t / embeddings and the injected K/V.
+
+The model is a :class:`~ditflow.backbones.base.Backbone`: this loop never names one. Image-to-video backbones
+(``needs_image``) take a start image, encoded with the run's generator before the noise is drawn, as their pipeline
+does; backbones that pad latent frames (CogVideoX 1.5) denoise the padded latents and return the video's.
 
 Differs from the authors' script (method.md §6): the last guided step uses exactly ``lr_end``; the model runs in
 its own dtype while optimised tensors stay fp32 (an fp16 model's backward is loss-scaled, :mod:`ditflow.optim`);
@@ -19,9 +22,7 @@ step, the cause and the fix (the authors' script writes a black video). Defaults
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,17 +30,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .amf import amf_loss, attention_motion_flow
-from .attention import AttentionController, controlled_attention
-from .config import GuidanceConfig, Loss, Mode
+from .attention import AttentionController
+from .backbones.base import Geometry
+from .config import GuidanceConfig, Mode
 from .embeds import PositionEmbeds
 from .errors import DiTFlowError, check_finite
-from .forward import forward_until
 from .inference_tensors import replace_inference_tensors
-from .layout import PIXELS_PER_PATCH, token_grid, video_frames
-from .losses import moft_channels, moft_loss, smm_loss, video_features
+from .objectives import objective_for
 from .optim import LossScaler
-from .positions import owned_sincos, rope_tables, sincos_table, stack_rope, unstack_rope
+from .params import param_for
 from .reference import ReferenceMotion
 from .text import PromptEmbeds
 
@@ -73,71 +72,34 @@ class SampleResult:
     negative_prompt_used: str = ""
 
 
-def sampling_grid(reference=None, embeds=None, size=None) -> tuple[int, int, int]:
-    """The latent token grid (F, h, w) a :func:`sample` call runs at: from ``size`` (frames, height, width in px),
-    the reference or the embeddings, which must agree; raises :class:`DiTFlowError` if none is given or they differ.
+def sampling_geometry(model, reference=None, embeds=None, size=None) -> Geometry:
+    """The :class:`~ditflow.backbones.base.Geometry` a :func:`sample` call runs at: from ``size`` (frames, height,
+    width in px), else the reference's latents, else the embeddings' token grid; their token grids must agree.
+
+    Raises:
+        DiTFlowError: none of the three is given, they differ (both grids named), or the model cannot take the size.
     """
-    grids = {}
+    geometries = {}
     if size is not None:
-        grids["requested size"] = token_grid(*size)
+        geometries["requested size"] = model.geometry(*size)
+    if reference is not None:  # a target made from a flow field has no latents (ditflow.motion_target)
+        geometries["reference"] = (model.geometry_of_latents(reference.latents) if reference.latents is not None
+                                   else model.geometry(*model.size_of_grid(tuple(reference.grid))))
+    if embeds is not None:
+        geometries["embeddings"] = model.geometry(*model.size_of_grid(tuple(embeds.grid)))
+    if not geometries:
+        raise DiTFlowError("give a size (frames, height, width), a reference or embeddings to sample.")
+    (first, g0), *rest = geometries.items()
+    grids = {name: tuple(g.token_grid) for name, g in geometries.items()}
     if reference is not None:
         grids["reference"] = tuple(reference.grid)
-    if embeds is not None:
-        grids["embeddings"] = tuple(embeds.grid)
-    if not grids:
-        raise DiTFlowError("give a size (frames, height, width), a reference or embeddings to sample.")
-    (first, g0), *rest = grids.items()
-    for name, g in rest:
-        if g != g0:
+    for name, grid in grids.items():
+        if grid != g0.token_grid:
             raise DiTFlowError(
-                f"the {name} has latent grid F×h×w = {'×'.join(map(str, g))} but the {first} has "
-                f"{'×'.join(map(str, g0))}; use the same frame count and size for both."
+                f"the {name} has token grid F×h×w = {'×'.join(map(str, grid))} but the {first} has "
+                f"{'×'.join(map(str, g0.token_grid))}; use the same frame count and size for both."
             )
     return g0
-
-
-def _dynamic_scale(scale: float, t: Tensor, steps: int) -> float:
-    # diffusers' CogVideoXPipeline formula, kept as is for parity (it mixes t in 0..999 with the step count).
-    return 1 + scale * ((1 - math.cos(math.pi * ((steps - t.item()) / steps) ** 5.0)) / 2)
-
-
-def _step_kwargs(scheduler, generator) -> dict:
-    # As diffusers' prepare_extra_step_kwargs with eta = 0: the DPM scheduler draws its noise from `generator`.
-    import inspect
-
-    params = inspect.signature(scheduler.step).parameters
-    return {k: v for k, v in (("eta", 0.0), ("generator", generator)) if k in params}
-
-
-def _scheduler_step(scheduler, noise_pred, old_pred, t, t_prev, latents, kwargs):
-    """(next latents, predicted clean latents); the DPM scheduler also needs the previous prediction."""
-    from diffusers import CogVideoXDPMScheduler
-
-    if isinstance(scheduler, CogVideoXDPMScheduler):
-        return scheduler.step(noise_pred, old_pred, t, t_prev, latents, **kwargs, return_dict=False)
-    return scheduler.step(noise_pred, t, latents, **kwargs, return_dict=False)[:2]
-
-
-def _amf_objective(captured, ref_amf, grid, temperature) -> Tensor:
-    """Eq. 8 averaged over guidance blocks: AMF loss between the reference and the soft AMF of this pass."""
-    losses = [
-        amf_loss(ref_amf[b], attention_motion_flow(q[0], k[0], grid, temperature=temperature, hard=False))
-        for b, (q, k) in sorted(captured.items())
-    ]
-    return torch.stack(losses).mean()
-
-
-def _feature_objective(outputs, targets, grid, loss: Loss) -> Tensor:
-    """MOFT or SMM loss (:mod:`ditflow.losses`) averaged over guidance blocks, on the block outputs of this pass.
-
-    ``targets``: block → (reference features ``[F, C, h, w]``, MOFT channels or ``None``).
-    """
-    losses = []
-    for b, hidden in sorted(outputs.items()):
-        generated = video_features(hidden, grid)
-        reference, channels = targets[b]
-        losses.append(moft_loss(generated, reference, channels) if loss is Loss.MOFT else smm_loss(generated, reference))
-    return torch.stack(losses).mean()
 
 
 def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | None) -> GuidanceConfig:
@@ -153,9 +115,28 @@ def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | 
     return config
 
 
-def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
-    """Fails before any compute, quoting the bad values; returns (grid, resolved config, optimise?)."""
-    grid = sampling_grid(reference, embeds, size)
+def _check_image(model, image: Tensor | None, geometry: Geometry) -> None:
+    if not model.needs_image:
+        if image is not None:
+            raise DiTFlowError(f"{model.name} is text-to-video and takes no start image; leave the image out or load an "
+                               "image-to-video model.")
+        return
+    if image is None:
+        raise DiTFlowError(f"{model.name} generates from a start image; give one (the reference's first frame is the "
+                           "usual choice).")
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise DiTFlowError(f"expected one start image [3, H, W] in [-1, 1], got shape {list(image.shape)}.")
+    if tuple(image.shape[1:]) != (geometry.height, geometry.width):
+        raise DiTFlowError(
+            f"the start image is {image.shape[1]}×{image.shape[2]} px but the video is {geometry.height}×"
+            f"{geometry.width}; resize the image to the video's size."
+        )
+
+
+def _check_inputs(model, config: GuidanceConfig, reference, embeds, size, image):
+    """Fails before any compute, quoting the bad values; returns (geometry, resolved config, optimise?)."""
+    geometry = sampling_geometry(model, reference, embeds, size)
+    _check_image(model, image, geometry)
     optimise = embeds is None and config.mode is not Mode.NONE and config.opt_steps > 0 and config.num_guided_steps > 0
     if optimise and reference is None:
         raise DiTFlowError(f"mode '{config.mode.value}' optimises toward a reference motion: give a reference video.")
@@ -165,13 +146,13 @@ def _check_inputs(model, config: GuidanceConfig, reference, embeds, size):
             f"loss '{config.loss.value}' needs a reference extracted for it, but this reference holds {held}; "
             f"extract the reference with loss '{config.loss.value}'."
         )
-    config = _blocks_from_reference(config, reference).resolved(model.family, model.num_blocks)
+    config = _blocks_from_reference(config, reference).resolved(model)
     if embeds is not None:
-        embeds.check_compatible(model, grid, config.num_inference_steps)
+        embeds.check_compatible(model, geometry.token_grid, config.num_inference_steps)
         embeds.check_values()
         # A replay's guided window (where KV injection runs) is the saved steps', whatever T_opt says.
         config = dataclasses.replace(config, guidance_fraction=len(embeds.tables) / config.num_inference_steps)
-    return grid, config, optimise
+    return geometry, config, optimise
 
 
 #: What to change when the model itself turns healthy inputs into NaN/Inf.
@@ -186,52 +167,46 @@ class _GuidedRun:
     ComfyUI's inference mode can enter autograd.
     """
 
-    def __init__(self, model, prompt, config, grid, optimise, seed, reference, embeds, callback):
+    def __init__(self, model, prompt, config, geometry, optimise, seed, reference, embeds, image, callback):
         from diffusers.utils.torch_utils import randn_tensor
 
-        self.model, self.config, self.grid, self.optimise, self.seed = model, config, grid, optimise, seed
+        self.model, self.config, self.geometry, self.optimise, self.seed = model, config, geometry, optimise, seed
+        self.grid = geometry.token_grid
         self.embeds, self.callback = embeds, callback
-        transformer = self.transformer = model.transformer
+        transformer = model.transformer
         device, dtype = self.device, self.dtype = transformer.device, transformer.dtype
         # KV injection needs reference latents; a target made from a flow field has none (ditflow.motion_target)
         self.inject = bool(config.kv_injection_blocks) and reference is not None and reference.latents is not None
+        self.param = param_for(config.mode) if optimise else None
+        self.objective = objective_for(config.loss)
 
-        # 1. Text (cond and uncond batched for CFG) and the reference's targets.
+        # 1. Text (cond and uncond batched for CFG) and the reference's targets, prepared once per run.
         self.cond = prompt.cond.to(device, dtype).clone()
         self.do_cfg = config.guidance_scale > 1.0
         self.text_cfg = torch.cat([prompt.uncond.to(device, dtype), self.cond]) if self.do_cfg else self.cond
-        self.ref_latents = reference.latents.to(device, dtype).clone() if self.inject else None
-        self.ref_amf, self.feature_targets = {}, {}
-        if optimise and config.loss is Loss.AMF:
-            self.ref_amf = {b: reference.amf[b].to(device).float().clone() for b in config.guidance_blocks}
-        elif optimise:  # reference features and MOFT's motion channels, once per run
-            for b in config.guidance_blocks:
-                ref = reference.features[b].to(device).float().clone()
-                self.feature_targets[b] = (ref, moft_channels(ref) if config.loss is Loss.MOFT else None)
+        self.targets = {}
+        if optimise:
+            held = getattr(reference, self.objective.field)
+            self.targets = self.objective.prepare({b: held[b] for b in config.guidance_blocks}, device)
 
-        # 2. Timesteps and initial noise, drawn as the diffusers pipeline draws them.
-        self.scheduler = model.make_scheduler()
-        self.scheduler.set_timesteps(config.num_inference_steps, device=device)
-        self.timesteps = self.scheduler.timesteps
+        # 2. Start latents (I2V), timesteps and initial noise, drawn from one generator in the pipelines' order.
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
-        frames, h, w = grid
-        p = model.patch_size
-        shape = (1, frames, transformer.config.in_channels, h * p, w * p)
-        self.noise = randn_tensor(shape, generator=self.generator, device=device, dtype=dtype)
-        self.latents = self.noise * self.scheduler.init_noise_sigma
-        self.step_kwargs = _step_kwargs(self.scheduler, self.generator)
-        self.old_pred_original = None
+        start = model.encode_start(image, self.generator) if model.needs_image else None
+        self.inputs = model.run_inputs(geometry, device, start=start)
+        self.schedule = model.schedule(config.num_inference_steps, device, self.generator)
+        self.timesteps = self.schedule.timesteps
+        self.noise = randn_tensor((1, *geometry.latent_shape), generator=self.generator, device=device, dtype=dtype)
+        self.latents = self.noise * self.schedule.init_noise_sigma
+        self.denoised = None
+        if self.inject:  # the reference's latents, padded as the run's, and its own conditioning (I2V: its frame 0)
+            ref = reference.latents.to(device, dtype).clone()
+            self.ref_latents = model.pad_latents(ref, model.geometry_of_latents(ref))
+            self.ref_inputs = model.run_inputs(geometry, device, reference=ref)
 
-        # 3. Positions: RoPE tables (5B) or the owned sin-cos table (2B); a trainable copy for ρ_t, warm-started
-        #    across guided steps.
-        self.stock_rope = rope_tables(transformer, grid, device) if model.family == "5b" else None
-        self.stock_table = sincos_table(transformer, grid).to(device) if model.family == "2b" else None
-        self.table = self.stock_table  # what the patch embedding adds on 2B (owned_sincos reads it every pass)
-        self.trainable = None
-        if optimise and config.mode is Mode.ROPE:
-            self.trainable = stack_rope(*self.stock_rope)
-        elif optimise and config.mode is Mode.POSEMB:
-            self.trainable = self.stock_table.clone()
+        # 3. Positions (modes rope/posemb): a trainable copy of the stock table, warm-started across guided steps.
+        self.carried = None
+        if self.param is not None and self.param.kind is not None:
+            self.carried = self.param.initial(model.stock_positions(self.inputs, self.param.kind))
 
         self.controller = AttentionController()
         self.scaler = LossScaler(enabled=dtype == torch.float16)  # fp16 gradients underflow without it
@@ -239,61 +214,44 @@ class _GuidedRun:
         self.losses: list[list[float]] = []
         self.timings = {"kv_reference": 0.0, "optimisation": 0.0, "denoising": 0.0}
 
-    def hooks(self):
-        """The model patches of the whole run, restored in ``finally`` (also on error or cancel)."""
-        stack = contextlib.ExitStack()
-        stack.enter_context(controlled_attention(self.transformer, self.controller))
-        stack.enter_context(owned_sincos(self.transformer, lambda: self.table))
-        return stack
-
     def _timed(self, phase: str, tic: float) -> None:
         self.timings[phase] += time.perf_counter() - tic
+
+    def video_latents(self, latents: Tensor | None) -> Tensor | None:
+        """The video's latent frames of padded latents (what callbacks and the result carry)."""
+        return None if latents is None else self.model.unpad_latents(latents, self.geometry)
 
     def reference_kv(self, t: Tensor) -> dict:
         """§3 KV injection: the reference noised to ``t`` with the run's own noise, target prompt, stock positions
         (never the optimised ρ, as in the authors' code); video K/V at the injection blocks."""
         tic = time.perf_counter()
         blocks = self.config.kv_injection_blocks
-        z_ref = self.scheduler.add_noise(self.ref_latents, self.noise, t.reshape(1))
-        self.controller.reset(record_kv_blocks=frozenset(blocks), stop_block=max(blocks))  # clears any ρ (5B)
-        self.table = self.stock_table  # stock positions on 2B too, whatever ρ the last pass used
+        z_ref = self.schedule.add_noise(self.ref_latents, self.noise, t)
+        self.controller.reset(record_kv_blocks=frozenset(blocks), stop_block=max(blocks))  # stock positions
         with torch.no_grad():
-            forward_until(self.transformer, self.controller, z_ref, self.cond, t.expand(1),
-                          image_rotary_emb=self.stock_rope)
+            self.model.forward_until(self.controller, z_ref, self.cond, t.expand(1), self.ref_inputs)
         self._timed("kv_reference", tic)
         return dict(self.controller.recorded_kv)
 
-    def _loss(self, param: Tensor, t: Tensor, kv: dict) -> Tensor:
+    def _loss(self, value: Tensor, t: Tensor, kv: dict) -> Tensor:
         """One optimisation pass: target prompt only (no CFG), truncated at the guidance blocks."""
-        config, controller, mode = self.config, self.controller, self.config.mode
-        blocks = frozenset(config.guidance_blocks)
-        if config.loss.uses_features:  # the guidance blocks run in full: their outputs are read
-            controller.reset(capture_outputs=blocks, inject_kv=kv)
-        else:  # early exit right after the deepest guidance block's Q/K
-            controller.reset(capture_blocks=blocks, stop_block=max(blocks), inject_kv=kv)
-        if mode is Mode.ROPE:
-            controller.rope = unstack_rope(param)
-        if mode is Mode.POSEMB:
-            self.table = param
-        z_in = param.to(self.dtype) if mode is Mode.LATENT else self.latents
-        forward_until(self.transformer, controller, z_in, self.cond, t.expand(1), image_rotary_emb=self.stock_rope,
-                      gradient_checkpointing=config.gradient_checkpointing)
-        if config.loss.uses_features:
-            return _feature_objective(controller.outputs, self.feature_targets, self.grid, config.loss)
-        return _amf_objective(controller.captured, self.ref_amf, self.grid, config.temperature)
+        config = self.config
+        self.objective.watch(self.controller, config.guidance_blocks, inject_kv=kv)
+        z_in = self.param.apply(self.controller, value, self.latents)
+        self.model.forward_until(self.controller, z_in, self.cond, t.expand(1), self.inputs,
+                                 gradient_checkpointing=config.gradient_checkpointing)
+        return self.objective(self.controller, self.targets, self.grid, config)
 
     def optimise_step(self, i: int, t: Tensor, kv: dict, info: dict) -> None:
-        """Alg. 1 inner loop: K_opt Adam iterations, a fresh Adam, on z_t or the positional embeddings."""
+        """Alg. 1 inner loop: K_opt Adam iterations, a fresh Adam, on the mode's parameter."""
         tic = time.perf_counter()
-        latent_mode = self.config.mode is Mode.LATENT
-        param = self.latents.detach().float().clone() if latent_mode else self.trainable
+        param = self.param.begin(self.latents, self.carried)
         param.requires_grad_(True)
         optimiser = torch.optim.Adam([param], lr=self.config.learning_rate(i))
         step_losses = []
         where = f"denoising step {i + 1} of {len(self.timesteps)}"
         lr_fix = (f"the learning rate {self.config.learning_rate(i):g} is too large for this model: lower "
                   f"lr_start/lr_end (paper: 0.002 → 0.001)")
-        what = {Mode.LATENT: "latents", Mode.ROPE: "RoPE tables", Mode.POSEMB: "sin-cos table"}[self.config.mode]
         for k in range(self.config.opt_steps):
             done = False
             while not done:  # recomputed only when an fp16 backward overflowed (the scale was halved)
@@ -305,33 +263,30 @@ class _GuidedRun:
                     optimiser.zero_grad(set_to_none=True)
                     done = self.scaler.backward(loss, param)
             optimiser.step()
-            check_finite(param, f"the optimised {what} at {where}, Adam iteration {k + 1}", lr_fix)
+            check_finite(param, f"the optimised {self.param.what} at {where}, Adam iteration {k + 1}", lr_fix)
             step_losses.append(loss.item())
             if self.callback is not None:
-                self.callback({**info, "iteration": k, "loss": step_losses[-1], "latents": self.latents,
-                               "denoised": None})
+                self.callback({**info, "iteration": k, "loss": step_losses[-1],
+                               "latents": self.video_latents(self.latents), "denoised": None})
         param.requires_grad_(False)
         self.losses.append(step_losses)
-        if latent_mode:
-            self.latents = param.detach().to(self.dtype)
-        else:
-            self.trainable = param.detach()
-            self.saved_tables.append(self.trainable.clone().cpu())
+        self.latents, self.carried = self.param.end(param, self.latents, self.carried)
+        if self.carried is not None:
+            self.saved_tables.append(self.carried.clone().cpu())
         self._timed("optimisation", tic)
 
-    def _step_table(self, i: int, guided: bool) -> Tensor | None:
-        """Positional table of step ``i``: just optimised, loaded for injection, or ``None`` (stock)."""
-        if guided and self.optimise and self.config.mode is not Mode.LATENT:
-            return self.trainable
-        if self.embeds is not None and i < len(self.embeds.tables):
-            return self.embeds.tables[i].to(self.device)
-        return None
+    def _step_positions(self, i: int, guided: bool) -> None:
+        """Positions of step ``i`` on the controller: just optimised, loaded for injection, or stock."""
+        if guided and self.carried is not None:
+            self.param.apply(self.controller, self.carried, self.latents)
+        elif self.embeds is not None and i < len(self.embeds.tables):
+            param_for(self.embeds.mode).apply(self.controller, self.embeds.tables[i].to(self.device), self.latents)
 
     def _denoise_fix(self, i: int) -> str:
         """The likeliest cause of non-finite latents after step ``i``: CFG scale, injected embeddings, or the model."""
-        scale = self.config.guidance_scale
-        if self.do_cfg and scale > 15:
-            return f"the CFG scale {scale:g} is far above CogVideoX's 6: lower it"
+        scale, usual = self.config.guidance_scale, self.model.defaults.cfg
+        if self.do_cfg and scale > 2.5 * usual:
+            return f"the CFG scale {scale:g} is far above {self.model.name}'s {usual:g}: lower it"
         if self.embeds is not None and i < len(self.embeds.tables):
             return "the injected positional embeddings drive the model out of range: use embeddings from a normal run"
         return _MODEL_FIX
@@ -340,73 +295,68 @@ class _GuidedRun:
         """The CFG step (cond and uncond batched) with the optimised z_t or embeddings and the injected K/V."""
         tic = time.perf_counter()
         self.controller.reset(inject_kv=kv)
-        table = self._step_table(i, guided)
-        if table is not None and self.model.family == "5b":
-            self.controller.rope = unstack_rope(table)
-        self.table = table if (table is not None and self.model.family == "2b") else self.stock_table
+        self._step_positions(i, guided)
+        config, schedule = self.config, self.schedule
         with torch.no_grad():
             model_in = torch.cat([self.latents] * 2) if self.do_cfg else self.latents
-            model_in = self.scheduler.scale_model_input(model_in, t)
-            noise_pred = self.transformer(hidden_states=model_in, encoder_hidden_states=self.text_cfg,
-                                          timestep=t.expand(model_in.shape[0]), image_rotary_emb=self.stock_rope,
-                                          return_dict=False)[0].float()
-        config = self.config
+            model_in = schedule.scale_model_input(model_in, t)
+            noise_pred = self.model.predict(model_in, self.text_cfg, t, self.inputs)
         if self.do_cfg:
-            scale = _dynamic_scale(config.guidance_scale, t, len(self.timesteps)) if config.dynamic_cfg else config.guidance_scale
+            scale = self.model.cfg_scale(config.guidance_scale, config.dynamic_cfg, t, len(self.timesteps))
             noise_uncond, noise_text = noise_pred.chunk(2)
             noise_pred = noise_uncond + scale * (noise_text - noise_uncond)
-        t_prev = self.timesteps[i - 1] if i > 0 else None
-        latents, self.old_pred_original = _scheduler_step(
-            self.scheduler, noise_pred, self.old_pred_original, t, t_prev, self.latents, self.step_kwargs)
-        self.latents = latents.to(self.dtype)
+        self.latents = schedule.step(i, noise_pred, self.latents).to(self.dtype)
         check_finite(self.latents, f"the latents after denoising step {i + 1} of {len(self.timesteps)}",
                      self._denoise_fix(i))
         self._timed("denoising", tic)
         if self.callback is not None:
             loss = self.losses[-1][-1] if guided and self.optimise else None
-            self.callback({**info, "iteration": None, "loss": loss, "latents": self.latents,
-                           "denoised": self.old_pred_original})
+            self.callback({**info, "iteration": None, "loss": loss, "latents": self.video_latents(self.latents),
+                           "denoised": self.video_latents(schedule.denoised)})
 
     def result(self, prompt: PromptEmbeds) -> SampleResult:
         embeds = None
         if self.saved_tables:
             embeds = PositionEmbeds(
-                mode=self.config.mode, family=self.model.family, grid=self.grid, head_dim=self.model.head_dim,
+                mode=self.config.mode, variant=self.model.variant, grid=self.grid, head_dim=self.model.head_dim,
                 num_inference_steps=self.config.num_inference_steps,
                 timesteps=tuple(int(t) for t in self.timesteps[: len(self.saved_tables)]), tables=self.saved_tables,
                 prompt=prompt.prompt, seed=self.seed,
             )
-        return SampleResult(latents=self.latents.float().cpu(), embeds=embeds, losses=self.losses, timings=self.timings,
+        latents = self.video_latents(self.latents).float().cpu()
+        return SampleResult(latents=latents, embeds=embeds, losses=self.losses, timings=self.timings,
                             prompt_used=prompt.prompt_used, negative_prompt_used=prompt.negative_prompt_used)
 
 
 def size_from_inputs(
-    num_frames: int, height: int, width: int, *, reference: ReferenceMotion | None = None,
+    model, num_frames: int, height: int, width: int, *, reference: ReferenceMotion | None = None,
     embeds: PositionEmbeds | None = None,
 ) -> tuple[int, int, int]:
     """The (frames, height, width) in px to sample, where 0 means "as the connected reference or embeddings".
 
     Args:
-        num_frames, height, width: requested values, 0 = taken from ``reference`` (its latent grid) or ``embeds``.
+        model: the loaded backbone (its geometry turns a latent or token grid into a video size).
+        num_frames, height, width: requested values, 0 = taken from ``reference`` (its latents) or ``embeds``.
     Returns:
         the full size; the reference and embeddings are checked against each other by :func:`sample`.
     Raises:
         DiTFlowError: a 0 with neither input connected, or a non-zero value that differs from the input's (one
             sentence naming the value, the input's value and how to fix it).
     """
-    source = ("reference", reference.grid) if reference is not None else (
-        ("embeddings", embeds.grid) if embeds is not None else None)
     asked = {"num_frames": num_frames, "height": height, "width": width}
-    if source is None:
+    if reference is None and embeds is None:
         unset = [name for name, value in asked.items() if value == 0]
         if unset:
+            d = model.defaults
             raise DiTFlowError(
                 f"{', '.join(unset)} 0 means 'from the reference or embeddings', but neither is connected; set "
-                f"{' and '.join(unset)} (CogVideoX native: 49 frames, height 480, width 720) or connect an AMF."
+                f"{' and '.join(unset)} ({model.name} native: {d.frames} frames, height {d.height}, width {d.width}) "
+                "or connect an AMF."
             )
         return num_frames, height, width
-    name, (frames, h, w) = source
-    given = {"num_frames": video_frames(frames), "height": h * PIXELS_PER_PATCH, "width": w * PIXELS_PER_PATCH}
+    name = "reference" if reference is not None else "embeddings"
+    g = sampling_geometry(model, reference, None if reference is not None else embeds)
+    given = {"num_frames": g.frames, "height": g.height, "width": g.width}
     for key, value in asked.items():
         if value not in (0, given[key]):
             raise DiTFlowError(
@@ -425,30 +375,38 @@ def sample(
     seed: int = 0,
     reference: ReferenceMotion | None = None,
     embeds: PositionEmbeds | None = None,
+    image: Tensor | None = None,
     callback: Callback | None = None,
 ) -> SampleResult:
     """Generates latents for ``prompt``, guided toward the reference motion (Alg. 1).
 
     Args:
-        model: a loaded :class:`~ditflow.loading.CogVideoX`.
+        model: a loaded backbone (:class:`~ditflow.backbones.base.Backbone`, e.g. from
+            :func:`~ditflow.backbones.load_model`).
         prompt: target and negative prompt embeddings (:func:`~ditflow.text.encode_prompt`).
         config: guidance settings; its guidance blocks must match the reference's (``()`` takes them from it).
         size: (frames, height, width) in video pixels; optional when a reference or embeddings fix the grid.
-        seed: seed of the initial noise (and of the DPM scheduler's noise); bit-reproducible on CPU.
+        seed: seed of the start image's latent sample (I2V), the initial noise and the DPM scheduler's noise, in
+            that order, as the diffusers pipelines draw them; bit-reproducible on CPU.
         reference: reference motion (:func:`~ditflow.reference.extract_reference`); needed for optimisation and
             for KV injection.
         embeds: saved positional embeddings to inject zero-shot (no optimisation; the reference is optional).
+        image: image-to-video models only (``model.needs_image``), and needed there: the start frame
+            ``[3, H, W]`` in [-1, 1] at the video's size (:func:`~ditflow.video.start_image` takes it from a file
+            or the reference's first frame).
         callback: see :data:`Callback`.
     Raises:
-        DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference; a loss,
-            optimised tensor or latent that turns NaN/Inf or blows up (the message names the step and the fix).
+        DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference; a missing,
+            superfluous or mis-sized start image; a loss, optimised tensor or latent that turns NaN/Inf or blows up
+            (the message names the step and the fix).
     """
-    grid, config, optimise = _check_inputs(model, config, reference, embeds, size)
+    geometry, config, optimise = _check_inputs(model, config, reference, embeds, size, image)
     with torch.inference_mode(False):
         if optimise:  # weights moved under inference mode (ComfyUI) would fail the backward
             replace_inference_tensors(model.transformer)
-        run = _GuidedRun(model, prompt, config, grid, optimise, seed, reference, embeds, callback)
-        with run.hooks():
+        image = None if image is None else image.clone()
+        run = _GuidedRun(model, prompt, config, geometry, optimise, seed, reference, embeds, image, callback)
+        with model.attention(run.controller):
             for i, t in enumerate(run.timesteps):
                 guided = i < config.num_guided_steps
                 info = {"step": i, "num_steps": len(run.timesteps), "timestep": int(t)}

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 class PromptEmbeds:
     """T5 embeddings of the target prompt and the negative prompt, each ``[1, L, D_text]``.
 
-    ``L`` is the transformer's ``max_text_seq_length`` (226 on the real models), read from its config.
+    ``L`` is the transformer's ``text_tokens`` (226 on the real models), read from its config.
     ``prompt_used`` / ``negative_prompt_used`` are the texts actually encoded: the prompts themselves, or what is
     left of them after truncation to ``L`` tokens (decoded from the kept tokens).
     """
@@ -39,9 +39,9 @@ class PromptEmbeds:
 
 
 def _used_text(model, prompt: str, what: str) -> str:
-    """``prompt`` if it fits the text encoder's ``max_text_seq_length`` tokens, else the text of the tokens kept
+    """``prompt`` if it fits the text encoder's ``text_tokens`` tokens, else the text of the tokens kept
     (T5 keeps L − 1 and appends its end token), with a warning on the ``ditflow`` logger."""
-    limit = model.max_text_seq_length
+    limit = model.text_tokens
     ids = model.tokenizer([prompt], add_special_tokens=True).input_ids[0]
     if len(ids) <= limit:
         return prompt
@@ -56,7 +56,7 @@ def _t5(model, prompt: str) -> Tensor:
     ids = model.tokenizer(
         [prompt],
         padding="max_length",
-        max_length=model.max_text_seq_length,
+        max_length=model.text_tokens,
         truncation=True,
         add_special_tokens=True,
         return_tensors="pt",
@@ -67,7 +67,7 @@ def _t5(model, prompt: str) -> Tensor:
 
 @torch.no_grad()
 def encode_prompt(model, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
-    """Encodes ``prompt`` and ``negative_prompt`` (padded to ``max_text_seq_length`` tokens, truncated beyond).
+    """Encodes ``prompt`` and ``negative_prompt`` (padded to ``text_tokens`` tokens, truncated beyond).
 
     A prompt longer than that is cut, as diffusers' pipeline does, but not silently: a warning on the ``ditflow``
     logger says where, and :attr:`PromptEmbeds.prompt_used` holds the text that was encoded.

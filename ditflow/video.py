@@ -296,6 +296,18 @@ def prepare_reference(
     return out.clamp(-1.0, 1.0).contiguous()
 
 
+def load_start_image(path: str | os.PathLike, *, height: int, width: int, resize: str = "crop") -> Tensor:
+    """The start frame of an image-to-video run: an image file (png, jpg, webp) or a video's first frame, fitted to
+    ``height`` × ``width`` px by ``resize`` as the reference is (:func:`fit_pictures`, black padding):
+    ``[3, H, W]`` in [-1, 1].
+
+    Raises:
+        DiTFlowError: as :func:`load_video`; an unknown ``resize``.
+    """
+    frames, _ = load_video(path, max_frames=1)
+    return fit_pictures(frames[:1], height, width, resize, fill=-1.0)[0].clamp(-1.0, 1.0)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------------------------------------------
@@ -370,5 +382,5 @@ def write_video(path: str | os.PathLike, frames: Tensor, fps: float) -> Path:
 
 __all__ = [
     "FOLDER_FPS", "IMAGE_SUFFIXES", "MAX_FPS", "RESIZE_MODES", "check_fps", "fit_geometry", "fit_pictures",
-    "load_video", "place", "prepare_reference", "selectable_frames", "write_video",
+    "load_start_image", "load_video", "place", "prepare_reference", "selectable_frames", "write_video",
 ]

@@ -115,9 +115,9 @@ def sampler_widgets(mode, kv_injection=True):
             "kv_injection": kv_injection, "kv_block": 0, "num_frames": 0, "width": 0, "height": 0}  # 0: from the input
 
 
-def reference_chain(g, note):
+def reference_chain(g, note, model=MODEL):
     g.add("Note", (20, 20), [note], size=(340, 300))
-    load = g.add("DiTFlowLoadCogVideoX", (20, 360), MODEL, size=(320, 150))
+    load = g.add("DiTFlowLoadCogVideoX", (20, 360), model, size=(320, 150))
     video = g.add("LoadVideo", (20, 560), ["big_buck_bunny.mp4", "image"], size=(320, 380))
     comps = g.add("GetVideoComponents", (400, 700), size=(220, 80))
     text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": PROMPT, "negative_prompt": ""}, size=(400, 260))
@@ -169,6 +169,26 @@ def t2v_latent():
     g.link(enc, 1, vis, "frames")
     g.link(vis, 1, prev, "images")
     output_chain(g, load, sampler, 1480, "ditflow/latent")
+    return g.json()
+
+
+def i2v_latent():
+    """Image-to-video motion transfer: the reference's first frame (or any image) starts the video."""
+    g = Graph()
+    load, text, enc, amf = reference_chain(g, (
+        "DiTFlow on an image-to-video model: a start image + a reference video → a video that begins with the "
+        "image and moves like the reference (mode latent).\n\n"
+        "1. The loader downloads CogVideoX-5b-I2V into models/CogVideo on the first run (≈ 21 GB). It generates at "
+        "480×720 only (its learned positional embedding); CogVideoX1.5-5B-I2V takes other sizes (native 768×1360, "
+        "81 frames).\n"
+        "2. The start image here is the reference's first frame (DiTFlow Encode Reference's frames: the sampler takes "
+        "the first). To start from another picture, connect a Load Image to start_image instead (centre-cropped).\n"
+        "3. The prompt describes the video; the motion comes from the reference.\n\n"
+        "Guidance block 20 is carried over from CogVideoX-5b (same 42 blocks): not validated on real weights."),
+        model={**MODEL, "model": "CogVideoX-5b-I2V"})
+    sampler = guided_sampler(g, load, text, amf, "latent")
+    g.link(enc, 1, sampler, "start_image")
+    output_chain(g, load, sampler, 1480, "ditflow/i2v")
     return g.json()
 
 
@@ -281,6 +301,7 @@ def fpt_poke_motion():
 
 WORKFLOWS = {
     "ditflow_t2v_latent": t2v_latent,
+    "ditflow_i2v_latent": i2v_latent,
     "ditflow_rope_optimize_and_save": rope_optimize_and_save,
     "ditflow_rope_inject": rope_inject,
     "fpt_poke_flow": fpt_poke_flow,

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
 """ComfyUI's handle on a loaded CogVideoX: the library bundle plus one ``ModelPatcher`` per component.
 
-The diffusers / transformers modules stay plain library objects (``ditflow.loading.CogVideoX``); this glue lets
+The diffusers / transformers modules stay plain library objects (a ``ditflow.backbones`` model); this glue lets
 ComfyUI's memory manager move them: :meth:`DiTFlowModel.use` asks ``load_models_gpu`` to bring the named
 components to the compute device (evicting other models if needed) before a node calls the library, and ComfyUI
 offloads them again when something else needs the memory.
@@ -106,4 +106,4 @@ class DiTFlowModel:
         return self._latent_rgb
 
     def __repr__(self) -> str:
-        return f"DiTFlowModel({self.bundle.family}, {self.bundle.path}, {self.bundle.dtype})"
+        return f"DiTFlowModel({self.bundle.variant}, {self.bundle.path}, {self.bundle.dtype})"

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Loading CogVideoX, encoding prompts and decoding latents (library: ditflow.loading, .text, .reference)."""
+"""Loading CogVideoX, encoding prompts and decoding latents (library: ditflow.backbones, .text)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ class DiTFlowLoadCogVideoX:
     RETURN_NAMES = ("model",)
     OUTPUT_TOOLTIPS = ("Transformer, VAE and T5 text encoder, loaded on the offload device (CPU) and moved to the "
                        "GPU by ComfyUI's model management when a node needs them.",)
-    DESCRIPTION = "Loads CogVideoX-2b or -5b from models/CogVideo (downloading it when missing) for DiTFlow."
+    DESCRIPTION = ("Loads a CogVideoX (2b, 5b, 5b-I2V, 1.5-5B, 1.5-5B-I2V) from models/CogVideo (downloading it "
+                   "when missing) for DiTFlow.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -37,11 +38,11 @@ class DiTFlowLoadCogVideoX:
 
     def load(self, model, precision, text_encoder=paths.AUTO_T5, download_missing=True):
         import comfy.model_management as mm
-        from ditflow.loading import load_cogvideox
+        from ditflow.backbones import load_model
 
         t5_file = paths.text_encoder_file(text_encoder, paths.model_folder(model))
         folder = paths.model_path(model, download=download_missing, with_text_encoder=t5_file is None)
-        bundle = load_cogvideox(folder, dtype=precision, device=mm.unet_offload_device(), text_encoder_file=t5_file,
+        bundle = load_model(folder, dtype=precision, device=mm.unet_offload_device(), text_encoder_file=t5_file,
                                 tokenizer_path=paths.tokenizer_folder(folder, t5_file))
         return (DiTFlowModel(bundle),)
 
@@ -97,9 +98,9 @@ class DiTFlowDecode:
     def decode(self, model, samples, vae_tiling=True, vae_slicing=False):
         from ditflow.layout import frames_to_image, from_comfy_latent
         from ditflow.memory import vae_workspace
-        from ditflow.reference import decode_latents, latent_grid
+        from ditflow.reference import latent_grid
 
         latents = from_comfy_latent(samples["samples"], model.bundle.vae_scaling_factor)
         workspace = vae_workspace(model.bundle, latent_grid(model.bundle, latents), tiling=vae_tiling)
         bundle = model.use("vae", memory_required=workspace)
-        return (frames_to_image(decode_latents(bundle, latents, tiling=vae_tiling, slicing=vae_slicing)),)
+        return (frames_to_image(bundle.decode_latents(latents, tiling=vae_tiling, slicing=vae_slicing)),)

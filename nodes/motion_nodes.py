@@ -44,16 +44,15 @@ class DiTFlowEncodeReference:
     def encode(self, model, images, width, height, num_frames, start, stride, resize, vae_tiling=True,
                vae_slicing=False):
         import comfy.model_management as mm
-        from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent, token_grid
+        from ditflow.layout import frames_to_image, image_to_frames, to_comfy_latent
         from ditflow.memory import vae_workspace
-        from ditflow.reference import encode_video
         from ditflow.video import prepare_reference
 
         frames = prepare_reference(image_to_frames(images), height=height, width=width, num_frames=num_frames,
                                    start=start, stride=stride, resize=resize)
-        grid = token_grid(frames.shape[0], frames.shape[2], frames.shape[3])
+        grid = model.bundle.geometry(frames.shape[0], frames.shape[2], frames.shape[3]).token_grid
         bundle = model.use("vae", memory_required=vae_workspace(model.bundle, grid, tiling=vae_tiling))
-        latents = encode_video(bundle, frames, tiling=vae_tiling, slicing=vae_slicing)
+        latents = bundle.encode_video(frames, tiling=vae_tiling, slicing=vae_slicing)
         latents = to_comfy_latent(latents, bundle.vae_scaling_factor)
         return ({"samples": latents.float().to(mm.intermediate_device())}, frames_to_image(frames))
 

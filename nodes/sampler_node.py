@@ -69,7 +69,7 @@ class DiTFlowGuidedSampler:
                 "conditioning": ("COGVIDEOX_CONDITIONING", {"tooltip": "From CogVideoX Text Encode (DiTFlow)."}),
                 "mode": (["latent", "rope", "posemb", "none"], {"default": "latent", "tooltip": "What guidance "
                          "optimises: latent = the noisy latent z_t (best motion fidelity); rope = RoPE tables "
-                         "(CogVideoX-5b, saves embeddings); posemb = sin-cos positions (CogVideoX-2b); none = no "
+                         "(RoPE models: 5b, I2V, 1.5; saves embeddings); posemb = sin-cos positions (CogVideoX-2b); none = no "
                          "optimisation: with an AMF and kv_injection on it is the 'Injection' baseline, without "
                          "them the plain backbone."}),
                 "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps (paper: 50). "
@@ -110,17 +110,21 @@ class DiTFlowGuidedSampler:
                         "injection in the saved steps (the authors' zero-shot default; same frames and size)."}),
                 "embeds": ("DITFLOW_EMBEDS", {"tooltip": "Saved positional embeddings (DiTFlow Load Embeds) to "
                            "inject zero-shot with a new prompt: no AMF needed, no optimisation."}),
+                "start_image": ("IMAGE", {"tooltip": "Image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) "
+                                "only, and needed there: the first frame of the video (the first image of a batch; "
+                                "centre-cropped to the video's size). The reference video's first frame keeps its "
+                                "scene; another image moves a new scene the reference's way."}),
             },
         }
 
     def sample(self, model, conditioning, mode, steps, cfg, seed, guidance_fraction, opt_steps, lr_start, lr_end,
                kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None, loss="amf",
-               gradient_checkpointing="auto"):
+               gradient_checkpointing="auto", start_image=None):
         import dataclasses
 
         import comfy.model_management as mm
         from ditflow import GuidanceConfig
-        from ditflow.layout import to_comfy_latent
+        from ditflow.layout import image_to_frames, to_comfy_latent
         from ditflow.memory import plan_sampling
         from ditflow.sampler import sample, size_from_inputs
 
@@ -131,16 +135,23 @@ class DiTFlowGuidedSampler:
             opt_steps=opt_steps, lr_start=lr_start, lr_end=lr_end, kv_injection_blocks=(kv_block,) if kv_injection else (),
             temperature=amf.temperature if amf is not None and amf.amf else 2.0,
         )
-        size = size_from_inputs(num_frames, height, width, reference=amf, embeds=embeds)
+        size = size_from_inputs(model.bundle, num_frames, height, width, reference=amf, embeds=embeds)
+        image = None
+        if start_image is not None:  # the sampler says in one sentence if the model takes none
+            from ditflow.video import fit_pictures
+
+            image = fit_pictures(image_to_frames(start_image[:1]), size[1], size[2], "crop", fill=-1.0)[0].clamp(-1, 1)
         previewer = _previewer(model)  # may fit the preview projection with the VAE: before the transformer loads
         free, on_cpu = model.available_memory("transformer")
         plan = plan_sampling(model.bundle, config, free, gradient_checkpointing=gradient_checkpointing, on_cpu=on_cpu,
                              reference=amf, embeds=embeds, size=size)
         print(f"[DiTFlow] gradient checkpointing {'on' if plan.gradient_checkpointing else 'off'} "
               f"({plan.checkpointing_reason})", flush=True)
-        bundle = model.use("transformer", memory_required=plan.workspace_bytes)
+        # An image-to-video run encodes its start image with the run's generator: the VAE is needed too.
+        networks = ("transformer", "vae") if model.bundle.needs_image and image is not None else ("transformer",)
+        bundle = model.use(*networks, memory_required=plan.workspace_bytes)
         config = dataclasses.replace(config, gradient_checkpointing=plan.gradient_checkpointing)
-        result = sample(bundle, conditioning, config, size=size, seed=seed, reference=amf, embeds=embeds,
+        result = sample(bundle, conditioning, config, size=size, seed=seed, reference=amf, embeds=embeds, image=image,
                         callback=_progress(steps, previewer, bundle.vae_scaling_factor))
         latent = {"samples": to_comfy_latent(result.latents, bundle.vae_scaling_factor).to(mm.intermediate_device())}
         return (latent, result.embeds)

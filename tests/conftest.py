@@ -112,9 +112,28 @@ def tiny_5b_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_path(tmp_path_factory):
+    """``tiny_path(variant)``: the folder of a tiny random CogVideoX of any variant of
+    ``ditflow.testing.tiny_model.VARIANTS``, built on first use and kept for the session (~1 s each).
+
+    Sizes as ``tiny_2b_path``; on 1.5 the usual 3 latent frames are padded to 4 → 2 token frames of 4×6 patches.
+    """
+    from ditflow.testing.tiny_model import build_tiny_model
+
+    folders: dict = {}
+
+    def path(variant: str) -> Path:
+        if variant not in folders:
+            folders[variant] = build_tiny_model(tmp_path_factory.mktemp("tiny") / variant, variant)
+        return folders[variant]
+
+    return path
+
+
+@pytest.fixture(scope="session")
 def tiny_models(tiny_2b_path, tiny_5b_path) -> dict:
     """Both tiny families loaded in fp32 on the CPU, shared by the core tests (they restore what they patch)."""
-    from ditflow.loading import load_cogvideox
+    from ditflow.backbones.cogvideox.loading import load_cogvideox
 
     return {"2b": load_cogvideox(tiny_2b_path, dtype="fp32"), "5b": load_cogvideox(tiny_5b_path, dtype="fp32")}
 

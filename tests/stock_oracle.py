@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: Apache-2.0
 """The stock diffusers CogVideoX as an oracle for the method's passes: nothing here imports ``ditflow.attention``,
-``ditflow.forward`` or ``ditflow.positions``.
+``ditflow.backbones`` (the hooks under test).
 
 - Positions come from diffusers' own pipeline (RoPE) and patch embedding (2B sin-cos).
 - KV injection is done on the **stock** attention processor with module hooks: the reference pass's video K
@@ -30,7 +30,7 @@ def pipeline(model):
 
 def stock_rope(model, grid) -> tuple[Tensor, Tensor] | None:
     """diffusers' pipeline RoPE (cos, sin) for ``grid = (F, h, w)``; ``None`` on 2B."""
-    if model.family != "5b":
+    if model.variant == "2b":
         return None
     frames, h, w = grid
     return pipeline(model)._prepare_rotary_positional_embeddings(16 * h, 16 * w, frames, torch.device("cpu"))

@@ -18,8 +18,9 @@ import pytest
 import torch
 
 from ditflow.amf import attention_motion_flow
-from ditflow.attention import AttentionController, StopForward, controlled_attention
-from ditflow.positions import rope_tables
+from ditflow.attention import AttentionController, StopForward
+from ditflow.backbones.cogvideox.attention import controlled_attention
+from ditflow.backbones.cogvideox.positions import rope_tables
 
 F, H, W = 4, 6, 8
 HEADS, HEAD_DIM = 2, 32
@@ -65,9 +66,8 @@ def test_hard_amf_through_a_cogvideox_block_points_along_a_known_shift(rope, dx,
     temb = torch.zeros(1, 16)
     tables = None
     if rope:
-        fake = types.SimpleNamespace(config=types.SimpleNamespace(sample_width=2 * W, sample_height=2 * H, patch_size=2,
-                                                                  attention_head_dim=HEAD_DIM))
-        tables = rope_tables(fake, (F, H, W))
+        tables = rope_tables({"sample_width": 2 * W, "sample_height": 2 * H, "patch_size": 2,
+                              "attention_head_dim": HEAD_DIM}, (F, H, W))
     controller = AttentionController(capture_blocks=frozenset({0}), stop_block=0)
     holder = types.SimpleNamespace(transformer_blocks=[block])
     with controlled_attention(holder, controller), torch.no_grad(), pytest.raises(StopForward):

@@ -6,17 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ditflow.attention import AttentionController, DiTFlowAttnProcessor, controlled_attention
-from ditflow.forward import forward_until
-from ditflow.positions import owned_sincos, rope_tables, sincos_table
+from ditflow.attention import AttentionController
+from ditflow.backbones.cogvideox.attention import DiTFlowAttnProcessor, controlled_attention
+from ditflow.backbones.cogvideox.forward import CogVideoXInputs, forward_until
+from ditflow.backbones.cogvideox.positions import owned_sincos, rope_tables, sincos_table
 
 
 def _inputs(model, grid, seed=0):
     frames, h, w = grid
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, frames, model.transformer.config.in_channels, 2 * h, 2 * w, generator=g)
-    text = torch.randn(1, model.max_text_seq_length, model.transformer.config.text_embed_dim, generator=g)
-    rope = rope_tables(model.transformer, grid) if model.family == "5b" else None
+    text = torch.randn(1, model.text_tokens, model.transformer.config.text_embed_dim, generator=g)
+    rope = rope_tables(model.transformer, grid) if model.variant == "5b" else None
     return latents, text, torch.tensor([500]), rope
 
 
@@ -41,10 +42,10 @@ def test_owned_sincos_adds_the_stock_table_exactly_once(tiny_models, grid):
     args = _inputs(model, grid)
     stock = _run(model, *args)
     table = sincos_table(model.transformer, grid)
-    with owned_sincos(model.transformer, lambda: table):
+    with owned_sincos(model.transformer, lambda _grid: table):
         ours = _run(model, *args)
         doubled_table = 2 * table
-    with owned_sincos(model.transformer, lambda: doubled_table):
+    with owned_sincos(model.transformer, lambda _grid: doubled_table):
         doubled = _run(model, *args)
     assert torch.equal(stock, ours)
     assert not torch.allclose(stock, doubled)  # the table matters, so equality above is not vacuous
@@ -80,7 +81,7 @@ def test_capture_matches_manual_qk_and_stops_early(tiny_models, family, grid):
     try:
         controller = AttentionController(capture_blocks=frozenset({1}), stop_block=1)
         with controlled_attention(model.transformer, controller), torch.no_grad():
-            forward_until(model.transformer, controller, latents, text, t, image_rotary_emb=rope)
+            forward_until(model.transformer, controller, latents, text, t, CogVideoXInputs(geometry=None, rope=rope))
     finally:
         for h in hooks + [attn_hook]:
             h.remove()

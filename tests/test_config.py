@@ -7,6 +7,8 @@ import pytest
 
 from ditflow import DiTFlowError, GuidanceConfig, Mode
 
+from stubs import variant_model
+
 
 def test_paper_defaults_guide_the_first_ten_of_fifty_steps_with_lr_from_2e3_to_exactly_1e3():
     cfg = GuidanceConfig()
@@ -16,9 +18,12 @@ def test_paper_defaults_guide_the_first_ten_of_fifty_steps_with_lr_from_2e3_to_e
     assert all(a > b for a, b in zip(lrs, lrs[1:]))
 
 
-@pytest.mark.parametrize("family,block,cfg,dynamic", [("5b", 20, 6.0, True), ("2b", 15, 6.0, False)])
-def test_family_defaults_fill_block_and_cfg(family, block, cfg, dynamic):
-    resolved = GuidanceConfig().resolved(family, num_blocks=42)
+@pytest.mark.parametrize("variant,block,cfg,dynamic", [
+    ("5b", 20, 6.0, True), ("2b", 15, 6.0, False), ("5b-i2v", 20, 6.0, True), ("1.5", 20, 6.0, True),
+    ("1.5-i2v", 20, 6.0, True),
+])
+def test_model_defaults_fill_block_and_cfg(variant, block, cfg, dynamic):
+    resolved = GuidanceConfig().resolved(variant_model(variant))
     assert resolved.guidance_blocks == (block,)
     assert (resolved.guidance_scale, resolved.dynamic_cfg) == (cfg, dynamic)
 
@@ -36,8 +41,13 @@ def test_bad_settings_are_refused_with_the_value(kwargs, message):
 
 def test_blocks_and_modes_are_checked_against_the_model():
     with pytest.raises(DiTFlowError, match=r"guidance block 30 is out of range: this model has blocks 0..29"):
-        GuidanceConfig(guidance_blocks=(30,)).resolved("2b", 30)
+        GuidanceConfig(guidance_blocks=(30,)).resolved(variant_model("2b", 30))
     with pytest.raises(DiTFlowError, match="KV injection block 42"):
-        GuidanceConfig(kv_injection_blocks=(42,)).resolved("5b", 42)
-    with pytest.raises(DiTFlowError, match="posemb"):
-        GuidanceConfig(mode=Mode.ROPE).resolved("2b", 30)
+        GuidanceConfig(kv_injection_blocks=(42,)).resolved(variant_model("5b", 42))
+    with pytest.raises(DiTFlowError, match="mode 'rope' optimises RoPE tables, but CogVideoX-2b has sincos positions; "
+                       "use mode latent or posemb"):
+        GuidanceConfig(mode=Mode.ROPE).resolved(variant_model("2b", 30))
+    for key in ("5b", "5b-i2v", "1.5", "1.5-i2v"):  # a capability, not a name: every RoPE model takes rope
+        GuidanceConfig(mode=Mode.ROPE).resolved(variant_model(key))
+        with pytest.raises(DiTFlowError, match="use mode latent or rope"):
+            GuidanceConfig(mode=Mode.POSEMB).resolved(variant_model(key))

@@ -103,7 +103,7 @@ def test_a_truncated_embeddings_file_is_refused(tmp_path):
 def test_posemb_tables_of_another_width_are_refused_against_the_model(tmp_path):
     path = _write(tmp_path, tensors=_tables(shape=(72, 48)), mode="posemb", model_family="2b")
     embeds = load_embeds(path)
-    tiny_2b = SimpleNamespace(family="2b", head_dim=HEAD_DIM, num_heads=2)  # inner dim 32
+    tiny_2b = SimpleNamespace(variant="2b", head_dim=HEAD_DIM, num_heads=2)  # inner dim 32
     with pytest.raises(DiTFlowError, match=r"table width \(heads × head dim\) 48, but this run has 32"):
         embeds.check_compatible(tiny_2b, GRID, 4)
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ditflow.cli import main
 from ditflow.errors import DiTFlowError
-from ditflow.loading import load_cogvideox
+from ditflow.backbones.cogvideox.loading import load_cogvideox
 
 TRANSFORMER = "transformer/diffusion_pytorch_model.safetensors"
 T5 = "text_encoder/model.safetensors"

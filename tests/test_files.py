@@ -37,7 +37,7 @@ def mode(path) -> int:
 
 
 def _embeds() -> PositionEmbeds:
-    return PositionEmbeds(mode=Mode.ROPE, family="5b", grid=(3, 4, 6), head_dim=16, num_inference_steps=4,
+    return PositionEmbeds(mode=Mode.ROPE, variant="5b", grid=(3, 4, 6), head_dim=16, num_inference_steps=4,
                           timesteps=(999, 749), tables=[torch.zeros(2, 2, 72, 16), torch.ones(2, 2, 72, 16)], prompt="a dog")
 
 

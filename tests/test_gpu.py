@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from ditflow import GuidanceConfig
-from ditflow.loading import load_cogvideox
+from ditflow.backbones.cogvideox.loading import load_cogvideox
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt

@@ -22,7 +22,7 @@ import torch
 from ditflow import DiTFlowError
 from ditflow.cli import main
 from ditflow.hub import allow_patterns, resolve_model
-from ditflow.loading import load_cogvideox
+from ditflow.backbones.cogvideox.loading import load_cogvideox
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -64,7 +64,7 @@ def hub_cache(tiny_5b_path, tmp_path, monkeypatch):
 
 def test_a_hub_id_loads_from_the_cache_without_the_network(hub_cache, tiny_5b_path):
     cog = load_cogvideox(REPO, dtype="fp32")
-    assert cog.family == "5b" and cog.path == REPO
+    assert cog.variant == "5b" and cog.path == REPO
     same = load_cogvideox(tiny_5b_path, dtype="fp32", components=("transformer",))
     for (name, a), (_, b) in zip(cog.transformer.state_dict().items(), same.transformer.state_dict().items()):
         assert torch.equal(a, b), name
@@ -89,7 +89,7 @@ def test_an_incomplete_cached_snapshot_says_how_to_complete_it(hub_cache):
     assert message.endswith("the cached THUDM/CogVideoX-5b is incomplete; `python -m ditflow download "
                             "THUDM/CogVideoX-5b` fetches the rest.")
     # without the text encoder the rest is complete: what is not asked for is not needed
-    assert load_cogvideox(REPO, dtype="fp32", components=("transformer", "vae")).family == "5b"
+    assert load_cogvideox(REPO, dtype="fp32", components=("transformer", "vae")).variant == "5b"
 
 
 def test_only_configs_safetensors_and_the_tokenizer_are_fetched():

@@ -16,7 +16,7 @@ import torch
 
 from ditflow import GuidanceConfig
 from ditflow.inference_tensors import replace_inference_tensors
-from ditflow.loading import load_cogvideox
+from ditflow.backbones.cogvideox.loading import load_cogvideox
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt

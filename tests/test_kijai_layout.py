@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ditflow import DiTFlowError
-from ditflow.loading import load_cogvideox
+from ditflow.backbones.cogvideox.loading import load_cogvideox
 from ditflow.t5_file import load_t5_file
 from ditflow.testing.tiny_model import build_tiny_kijai_model, write_t5_file
 from ditflow.text import encode_prompt
@@ -116,7 +116,7 @@ def test_the_kijai_layout_loads_with_a_t5_file_and_encodes_as_the_diffusers_fold
     cog = load_cogvideox(comfy_models["model"], dtype="fp32", text_encoder_file=comfy_models["t5"],
                          tokenizer_path=comfy_models["tokenizer"])
     ref = tiny_models["5b"]
-    assert cog.family == "5b"
+    assert cog.variant == "5b"
     assert torch.equal(encode_prompt(cog, PROMPT).cond, encode_prompt(ref, PROMPT).cond)
     for (name, a), (_, b) in zip(cog.transformer.state_dict().items(), ref.transformer.state_dict().items()):
         assert torch.equal(a, b), name

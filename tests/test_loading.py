@@ -18,7 +18,9 @@ import pytest
 import torch
 
 from ditflow.errors import DiTFlowError
-from ditflow.loading import CogVideoX, detect_family, load_cogvideox, parse_dtype
+from ditflow.backbones.cogvideox.loading import load_cogvideox, parse_dtype
+from ditflow.backbones.cogvideox.model import CogVideoX
+from ditflow.backbones.cogvideox.variants import detect_variant
 
 PROMPT = "a leopard running up a snowy hill"
 REPO = Path(__file__).resolve().parents[1]
@@ -54,9 +56,9 @@ def _inputs(model: CogVideoX, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     cfg = model.transformer_config
     latents = torch.randn(1, 3, cfg["in_channels"], 8, 12, generator=g)
-    text = torch.randn(1, model.max_text_seq_length, cfg["text_embed_dim"], generator=g)
+    text = torch.randn(1, model.text_tokens, cfg["text_embed_dim"], generator=g)
     rope = None
-    if model.family == "5b":  # 4×6 patch grid, 3 latent frames, the sample grid's full crop
+    if model.variant == "5b":  # 4×6 patch grid, 3 latent frames, the sample grid's full crop
         rope = get_3d_rotary_pos_embed(model.head_dim, ((0, 0), (4, 6)), (4, 6), 3)
     return latents, text, torch.tensor([500]), rope
 
@@ -104,17 +106,18 @@ def test_tiny_builder_rejects_unknown_variant(tmp_path):
         build_tiny_model(tmp_path / "x", "5b-I2V")
 
 
-def test_cli_writes_a_folder_that_loads(tmp_path):
-    out = tmp_path / "cli-2b"
+@pytest.mark.parametrize("variant", ["2b", "1.5-i2v"])  # the others: the same builder (tiny_path fixture)
+def test_cli_writes_a_folder_that_loads(tmp_path, variant):
+    out = tmp_path / f"cli-{variant}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "ditflow.testing.tiny_model", str(out), "--variant", "2b", "--num-layers", "2"],
+        [sys.executable, "-m", "ditflow.testing.tiny_model", str(out), "--variant", variant, "--num-layers", "2"],
         check=False, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "RuntimeWarning" not in result.stderr  # no double import of the -m module
     model = load_cogvideox(out, dtype="fp32")
-    assert model.family == "2b" and model.num_blocks == 2
+    assert model.variant == variant and model.num_blocks == 2
 
 
 def test_tokenizer_reloads_its_sentencepiece_model(tiny_5b_path):
@@ -166,13 +169,13 @@ def test_both_families_load_and_are_detected(loaded, family, rope, scale):
     from transformers import T5EncoderModel
 
     model = loaded[family]
-    assert model.family == family
+    assert model.variant == family
     assert model.transformer.config.use_rotary_positional_embeddings is rope
     assert isinstance(model.transformer, CogVideoXTransformer3DModel)
     assert isinstance(model.vae, AutoencoderKLCogVideoX)
     assert isinstance(model.text_encoder, T5EncoderModel)
     assert (model.num_blocks, model.num_heads, model.head_dim, model.patch_size) == (4, 2, 16, 2)
-    assert model.max_text_seq_length == 16  # read from the config, not the real models' 226
+    assert model.text_tokens == 16  # read from the config, not the real models' 226
     assert model.vae_scaling_factor == pytest.approx(scale)
     for module in (model.transformer, model.vae, model.text_encoder):
         assert not module.training
@@ -217,7 +220,7 @@ def test_components_subset_and_vae_options(tiny_2b_path):
     model = load_cogvideox(tiny_2b_path, dtype="fp32", components=("vae",), vae_tiling=True, vae_slicing=True)
     assert model.transformer is None and model.text_encoder is None and model.tokenizer is None
     assert model.vae.use_tiling and model.vae.use_slicing
-    assert model.num_blocks == 4 and model.family == "2b"  # from the config alone
+    assert model.num_blocks == 4 and model.variant == "2b"  # from the config alone
     with pytest.raises(DiTFlowError, match="unknown component"):
         load_cogvideox(tiny_2b_path, components=("unet",))
 
@@ -248,7 +251,7 @@ def test_stock_diffusers_pipeline_runs_on_the_loaded_components(loaded, paths, f
     pipe.set_progress_bar_config(disable=True)
     frames = pipe(
         prompt=PROMPT, num_frames=9, height=64, width=96, num_inference_steps=2, guidance_scale=6.0,
-        use_dynamic_cfg=family == "5b", max_sequence_length=model.max_text_seq_length,
+        use_dynamic_cfg=family == "5b", max_sequence_length=model.text_tokens,
         generator=torch.Generator().manual_seed(0), output_type="pt",
     ).frames
     assert frames.shape == (1, 9, 3, 64, 96)
@@ -266,9 +269,9 @@ def test_stock_diffusers_pipeline_runs_on_the_loaded_components(loaded, paths, f
 @pytest.mark.parametrize(
     "changes,detected",
     [
-        ({"in_channels": 32, "use_learned_positional_embeddings": True}, "in_channels=32"),  # 5b-I2V
-        ({"patch_size_t": 2}, "patch_size_t=2"),  # CogVideoX 1.5
-        ({"patch_size_t": 2, "ofs_embed_dim": 512, "in_channels": 32}, "ofs_embed_dim=512"),  # 1.5-I2V
+        ({"in_channels": 20}, "in_channels=20"),  # neither text- nor image-to-video
+        ({"patch_size_t": 3}, "patch_size_t=3"),
+        ({"ofs_embed_dim": 512}, "ofs_embed_dim=512"),  # 1.5-I2V's offset embedding on a text-to-video 1.0 model
         ({"_class_name": "HunyuanVideoTransformer3DModel"}, "HunyuanVideoTransformer3DModel"),
     ],
 )
@@ -282,15 +285,16 @@ def test_unsupported_variants_are_refused_before_weights_are_read(tiny_5b_path, 
     assert detected in str(err.value)
 
 
-def test_detect_family_on_the_real_configs():
+def test_detect_variant_on_the_real_configs():
     real_2b = {"_class_name": "CogVideoXTransformer3DModel", "in_channels": 16, "out_channels": 16,
                "num_layers": 30, "use_rotary_positional_embeddings": False}
     real_5b = {**real_2b, "num_layers": 42, "use_rotary_positional_embeddings": True,
                "use_learned_positional_embeddings": False}
-    assert detect_family(real_2b) == "2b"
-    assert detect_family(real_5b) == "5b"
-    with pytest.raises(DiTFlowError, match="not supported"):
-        detect_family({**real_5b, "in_channels": 32, "use_learned_positional_embeddings": True})
+    assert detect_variant(real_2b).key == "2b"
+    assert detect_variant(real_5b).key == "5b"
+    assert detect_variant({**real_5b, "in_channels": 32, "use_learned_positional_embeddings": True}).key == "5b-i2v"
+    with pytest.raises(DiTFlowError, match="not supported"):  # a learned table on a text-to-video model
+        detect_variant({**real_5b, "use_learned_positional_embeddings": True})
 
 
 def test_missing_folder_is_explained(tmp_path):
@@ -319,7 +323,7 @@ def test_component_subfolder_given_instead_of_the_model(tiny_2b_path):
 
 def test_importing_ditflow_stays_cheap():
     code = (
-        "import sys, ditflow, ditflow.loading, ditflow.testing;"
+        "import sys, ditflow, ditflow.backbones, ditflow.backbones.cogvideox.loading, ditflow.sampler, ditflow.testing;"
         "heavy = [m for m in ('diffusers', 'transformers') if m in sys.modules];"
         "assert not heavy, heavy"
     )
@@ -346,8 +350,6 @@ def test_offloaded_components_visit_the_compute_device_only_inside_on_device(tin
 
 def test_vae_tiling_and_slicing_hold_for_one_call_and_are_restored(tiny_models, monkeypatch):
     """Encode Reference / Decode set them per call (no model reload), and leave the VAE as it was, also on error."""
-    from ditflow.reference import decode_latents, encode_video
-
     cog = tiny_models["5b"]
     vae = cog.vae
     seen = []
@@ -356,9 +358,9 @@ def test_vae_tiling_and_slicing_hold_for_one_call_and_are_restored(tiny_models, 
         monkeypatch.setattr(vae, method, lambda *a, _f=original, **k: seen.append((vae.use_tiling, vae.use_slicing))
                             or _f(*a, **k))
     before = (vae.use_tiling, vae.use_slicing)
-    latents = encode_video(cog, torch.zeros(5, 3, 64, 96), tiling=True, slicing=True)
-    decode_latents(cog, latents, tiling=False, slicing=True)
-    decode_latents(cog, latents)  # None: as the VAE is set
+    latents = cog.encode_video(torch.zeros(5, 3, 64, 96), tiling=True, slicing=True)
+    cog.decode_latents(latents, tiling=False, slicing=True)
+    cog.decode_latents(latents)  # None: as the VAE is set
     assert seen == [(True, True), (False, True), before] and (vae.use_tiling, vae.use_slicing) == before
 
     def out_of_memory(*args, **kwargs):
@@ -366,5 +368,5 @@ def test_vae_tiling_and_slicing_hold_for_one_call_and_are_restored(tiny_models, 
 
     monkeypatch.setattr(vae, "encode", out_of_memory)
     with pytest.raises(torch.OutOfMemoryError):
-        encode_video(cog, torch.zeros(5, 3, 64, 96), tiling=not before[0], slicing=not before[1])
+        cog.encode_video(torch.zeros(5, 3, 64, 96), tiling=not before[0], slicing=not before[1])
     assert (vae.use_tiling, vae.use_slicing) == before

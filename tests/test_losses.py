@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from ditflow import DiTFlowError, GuidanceConfig
-from ditflow.attention import AttentionController, controlled_attention
-from ditflow.forward import forward_until
+from ditflow.attention import AttentionController
+from ditflow.backbones.cogvideox.attention import controlled_attention
+from ditflow.backbones.cogvideox.forward import CogVideoXInputs, forward_until
 from ditflow.losses import (
     moft_channels,
     moft_loss,
@@ -19,7 +20,7 @@ from ditflow.losses import (
     spatial_marginal_mean,
     video_features,
 )
-from ditflow.positions import rope_tables
+from ditflow.backbones.cogvideox.positions import rope_tables
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
@@ -137,7 +138,8 @@ def test_reference_features_are_the_stock_block_output_and_later_blocks_never_ru
     try:
         controller = AttentionController(capture_outputs=frozenset({0, 1}))
         with controlled_attention(transformer, controller), torch.no_grad():
-            forward_until(transformer, controller, latents, empty, torch.zeros(1, dtype=torch.long), image_rotary_emb=rope)
+            forward_until(transformer, controller, latents, empty, torch.zeros(1, dtype=torch.long),
+                          CogVideoXInputs(geometry=None, rope=rope))
     finally:
         for hk in hooks:
             hk.remove()

@@ -12,6 +12,8 @@ import torch
 from ditflow import DiTFlowError, GuidanceConfig
 from ditflow.memory import GB, MemoryEstimate, estimate_memory, module_bytes, plan_memory
 
+from stubs import variant_model
+
 #: CogVideoX-5b as measured on an H200 (bf16, 49 frames 480×720, guidance block 20): weights 11.1 / 9.5 / 0.4 GB.
 WEIGHTS_5B = {"transformer": int(11.1 * GB), "text_encoder": int(9.5 * GB), "vae": int(0.4 * GB)}
 CONFIG_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42)
@@ -19,13 +21,13 @@ CONFIG_5B = dict(num_attention_heads=48, attention_head_dim=64, num_layers=42)
 
 def model_5b(**overrides):
     """What estimate_memory reads of a loaded CogVideoX-5b, without weights (they are counted from WEIGHTS_5B)."""
-    return SimpleNamespace(transformer_config=CONFIG_5B, dtype=torch.bfloat16, max_text_seq_length=226, patch_size=2,
+    return SimpleNamespace(transformer_config=CONFIG_5B, dtype=torch.bfloat16, text_tokens=226, patch_size=2,
                            transformer=None, text_encoder=None, vae=None, vae_config=None, **overrides)
 
 
 def estimate_5b(mode="latent", block=20) -> MemoryEstimate:
     config = GuidanceConfig(mode=mode, guidance_blocks=(block,) if mode != "none" else ())
-    estimate = estimate_memory(model_5b(), (13, 30, 45), config.resolved("5b", 42))  # 49 frames, 480×720
+    estimate = estimate_memory(model_5b(), (13, 30, 45), config.resolved(variant_model("5b")))  # 49 frames, 480×720
     return dataclasses.replace(estimate, weights=WEIGHTS_5B)
 
 
@@ -95,7 +97,7 @@ def test_unknown_settings_are_refused():
 
 def test_estimate_counts_the_loaded_weights_and_grows_with_the_block_and_the_grid(tiny_models):
     model = tiny_models["5b"]
-    config = GuidanceConfig(mode="latent", guidance_blocks=(1,)).resolved("5b", model.num_blocks)
+    config = GuidanceConfig(mode="latent", guidance_blocks=(1,)).resolved(model)
     e = estimate_memory(model, (3, 4, 6), config)
     assert e.weights == {n: module_bytes(getattr(model, n)) for n in ("transformer", "text_encoder", "vae")}
     assert e.weights["transformer"] == sum(p.numel() * 4 for p in model.transformer.parameters()) + sum(
@@ -105,7 +107,7 @@ def test_estimate_counts_the_loaded_weights_and_grows_with_the_block_and_the_gri
     longer, wider = estimate_memory(model, (13, 4, 6), config), estimate_memory(model, (3, 8, 12), config)
     assert deeper.guided_full > e.guided_full and longer.guided_full > e.guided_full
     assert longer.vae == e.vae < wider.vae  # the VAE works on a few frames at a time, whole frames untiled
-    none = estimate_memory(model, (3, 4, 6), GuidanceConfig(mode="none").resolved("5b", model.num_blocks))
+    none = estimate_memory(model, (3, 4, 6), GuidanceConfig(mode="none").resolved(model))
     assert none.guided_full == none.guided_checkpointing == 0 and not none.optimises
 
 
@@ -117,12 +119,12 @@ def test_plan_sampling_sizes_the_transformer_phase_from_the_reference(tiny_model
     latents = torch.randn(1, 3, 16, 8, 12, generator=torch.Generator().manual_seed(0))
     reference = extract_reference(model, latents, [2])  # 9 frames → 3 latent frames; 64×96 px → 4×6 patches
     sampling, checkpointed, full = transformer_workspaces(
-        model, (3, 4, 6), GuidanceConfig(guidance_blocks=(2,)).resolved("5b", model.num_blocks))
+        model, (3, 4, 6), GuidanceConfig(guidance_blocks=(2,)).resolved(model))
     roomy = plan_sampling(model, GuidanceConfig(), int(64 * GB), reference=reference)
     assert not roomy.gradient_checkpointing and roomy.workspace_bytes == full  # blocks 0..2 taken from the reference
     tight = plan_sampling(model, GuidanceConfig(), int(0.5 * GB), reference=reference)
     assert tight.gradient_checkpointing and tight.workspace_bytes == max(sampling, checkpointed)
     backbone = plan_sampling(model, GuidanceConfig(mode="none"), int(0.5 * GB), size=(9, 64, 96))
     assert not backbone.gradient_checkpointing and backbone.checkpointing_reason == "no optimisation pass in this run"
-    with pytest.raises(DiTFlowError, match="latent grid"):
+    with pytest.raises(DiTFlowError, match="token grid"):
         plan_sampling(model, GuidanceConfig(), int(64 * GB), reference=reference, size=(13, 64, 96))

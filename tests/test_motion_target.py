@@ -145,17 +145,18 @@ def test_the_sampler_steers_the_amf_toward_a_poked_motion(tiny_models, monkeypat
     the clip: within the guided step the loss falls, and the AMF of the optimised latent turns from an unrelated
     direction (cosine ≈ 0.2 with the target) to the target's (measured ≈ 0.77; mean displacement first → last frame
     with the target's signs)."""
+    import ditflow.objectives as objectives
     import ditflow.sampler as sampler
 
     target = poke_reference(uniform(64, 96, dx, dy), num_frames=9, height=64, width=96, blocks=[1])
     seen = []
-    real = sampler.attention_motion_flow
+    real = objectives.attention_motion_flow  # the AMF objective's (ditflow.objectives), read by the sampler
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(sampler, "attention_motion_flow", spy)
+    monkeypatch.setattr(objectives, "attention_motion_flow", spy)
     model = tiny_models["5b"]
     cfg = GuidanceConfig(mode="latent", num_inference_steps=2, guidance_fraction=0.5, opt_steps=6, lr_start=0.2,
                          lr_end=0.2)  # kv injection on (the default): skipped, the target has no latents

@@ -35,11 +35,12 @@ FAST = dict(steps=4, cfg=6.0, seed=3, guidance_fraction=0.5, opt_steps=2, lr_sta
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    """Stub ComfyUI with a base folder holding models/CogVideo/{tiny-5b, tiny-2b}; removed after the module."""
+    """Stub ComfyUI with a base folder holding models/CogVideo/tiny-{5b, 2b, 5b-i2v, 1.5-i2v}; removed after the
+    module."""
     from ditflow.testing.tiny_model import build_tiny_model
 
     base = tmp_path_factory.mktemp("comfy")
-    for variant in ("5b", "2b"):
+    for variant in ("5b", "2b", "5b-i2v", "1.5-i2v"):
         build_tiny_model(base / "models" / "CogVideo" / f"tiny-{variant}", variant)
     (base / "output").mkdir()
     mods = comfy_stubs.install(str(base))
@@ -142,7 +143,9 @@ def test_the_model_combo_lists_folders_from_every_registered_path(N, comfy, tmp_
     fp.add_model_folder_path("CogVideo", str(extra))
     try:
         choices = N["DiTFlowLoadCogVideoX"].INPUT_TYPES()["required"]["model"][0]
-        assert choices == ["tiny-2b", "tiny-5b", "tiny-extra", "CogVideoX-5b", "CogVideoX-2b"]  # absent: downloadable
+        assert choices == ["tiny-1.5-i2v", "tiny-2b", "tiny-5b", "tiny-5b-i2v", "tiny-extra", "CogVideoX-5b",
+                           "CogVideoX-2b", "CogVideoX-5b-I2V",
+                           "CogVideoX1.5-5B", "CogVideoX1.5-5B-I2V"]  # absent: downloadable
     finally:
         fp.folder_names_and_paths["CogVideo"][0].remove(str(extra))
 
@@ -373,6 +376,27 @@ def test_latent_mode_on_2b(N, models, reference_image):
     assert run(N["DiTFlowDecode"], model=model, samples=out)[0].shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
+@pytest.mark.parametrize("variant", ["5b-i2v", "1.5-i2v"])
+def test_image_to_video_chain_takes_its_start_frame_from_an_image_input(N, comfy, reference_image, variant):
+    """The I2V workflow's chain: the reference's frames (Encode Reference's second output) as start_image; the VAE
+    is loaded with the transformer for the start latents; without a start image, one sentence."""
+    mm = comfy["comfy.model_management"]
+    model = run(N["DiTFlowLoadCogVideoX"], model=f"tiny-{variant}", precision="fp32")[0]
+    cond = run(N["DiTFlowTextEncode"], model=model, prompt="a fox on a trail", negative_prompt="")[0]
+    latent, frames = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
+                         num_frames=FRAMES, start=0, stride=2, resize="crop")
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    mm.loaded.clear()
+    out, _ = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", amf=amf,
+                 start_image=frames, **FAST)
+    sampler_load = [type(p.model).__name__ for p in mm.loaded[-1][0]]
+    assert sampler_load == ["CogVideoXTransformer3DModel", "AutoencoderKLCogVideoX"]
+    assert out["samples"].shape == (1, 16, 3, HEIGHT // 8, WIDTH // 8)  # the video's latent frames, unpadded
+    assert run(N["DiTFlowDecode"], model=model, samples=out)[0].shape == (FRAMES, HEIGHT, WIDTH, 3)
+    with pytest.raises(DiTFlowError, match="generates from a start image; give one"):
+        run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", amf=amf, **FAST)
+
+
 def test_backbone_without_reference_uses_the_size_widgets(N, chain_5b):
     out, _ = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="none",
                  **{**FAST, "num_frames": 5, "width": 32, "height": 48})
@@ -510,7 +534,7 @@ def test_nodes_declare_working_memory_and_the_sampler_checkpoints_only_when_comf
     assert (free, on_cpu) == (mm.FREE + module_bytes(bundle.text_encoder), False)
 
     weights = module_bytes(bundle.transformer)
-    config = GuidanceConfig(mode="rope", guidance_blocks=(1,)).resolved("5b", bundle.num_blocks)
+    config = GuidanceConfig(mode="rope", guidance_blocks=(1,)).resolved(bundle)
     sampling, checkpointed, full = transformer_workspaces(bundle, (3, 4, 6), config)
     tight = int((weights + full) * MARGIN + RESERVE)  # the pass without checkpointing just does not fit
     for free, expected in ((tight - 1, True), (tight + 1, False)):
@@ -548,7 +572,7 @@ def test_block_out_of_range_names_the_models_range(N, chain_5b):
 def test_embeds_from_another_model_are_refused(N, models, rope_run):
     embeds = rope_run["embeds"]
     cond_2b = run(N["DiTFlowTextEncode"], model=models["2b"], prompt="x", negative_prompt="")[0]
-    with pytest.raises(DiTFlowError, match="model family 5b, but this run has 2b"):
+    with pytest.raises(DiTFlowError, match="model 5b, but this run has 2b"):
         run(N["DiTFlowGuidedSampler"], model=models["2b"], conditioning=cond_2b, mode="none", embeds=embeds, **FAST)
 
 
@@ -585,7 +609,7 @@ def test_a_save_prefix_naming_a_hidden_file_is_refused(N, rope_run):
 
 
 def test_cancel_mid_optimisation_leaves_the_model_stock(N, comfy, chain_5b, monkeypatch):
-    from ditflow.attention import DiTFlowAttnProcessor
+    from ditflow.backbones.cogvideox.attention import DiTFlowAttnProcessor
 
     mm = comfy["comfy.model_management"]
     transformer = chain_5b["model"].bundle.transformer

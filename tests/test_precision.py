@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import ditflow.sampler
+import ditflow.objectives
 from ditflow import GuidanceConfig
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
@@ -24,7 +24,7 @@ PAPER_LR = dict(num_inference_steps=4, guidance_fraction=0.5, opt_steps=3)
 
 @pytest.fixture(scope="module")
 def half_models(tiny_2b_path, tiny_5b_path):
-    from ditflow.loading import load_cogvideox
+    from ditflow.backbones.cogvideox.loading import load_cogvideox
 
     paths = {"2b": tiny_2b_path, "5b": tiny_5b_path}
     return {(f, d): load_cogvideox(p, dtype=d) for f, p in paths.items() for d in ("fp16", "bf16")}
@@ -60,8 +60,8 @@ def test_fp16_guidance_keeps_small_gradients(tiny_models, half_models, grid, mon
             grads.append(self.param_groups[0]["params"][0].grad.detach().clone())
             return super().step(closure)
 
-    real_loss = ditflow.sampler.amf_loss
-    monkeypatch.setattr(ditflow.sampler, "amf_loss", lambda ref, gen: real_loss(ref, gen) * 1e-5)
+    real_loss = ditflow.objectives.amf_loss  # the AMF objective's loss (what the sampler optimises)
+    monkeypatch.setattr(ditflow.objectives, "amf_loss", lambda ref, gen: real_loss(ref, gen) * 1e-5)
     monkeypatch.setattr(torch.optim, "Adam", Spy)
     cfg = GuidanceConfig(mode="latent", num_inference_steps=2, guidance_fraction=0.5, opt_steps=1)
     for model in (tiny_models[family], half_models[(family, "fp16")]):  # ∂L/∂z_t of the first Adam iteration

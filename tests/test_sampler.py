@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ditflow import DiTFlowError, GuidanceConfig, Mode
-from ditflow.attention import DiTFlowAttnProcessor
+from ditflow.backbones.cogvideox.attention import DiTFlowAttnProcessor
 from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
@@ -38,11 +38,11 @@ def test_none_mode_matches_the_diffusers_pipeline(tiny_models, family, grid):
     ours = sample(model, encode_prompt(model, "a bmx rider"), cfg, size=size, seed=7)
     pipe = CogVideoXPipeline(model.tokenizer, model.text_encoder, model.vae, model.transformer, model.make_scheduler())
     pipe.set_progress_bar_config(disable=True)
-    resolved = cfg.resolved(family, model.num_blocks)
+    resolved = cfg.resolved(model)
     theirs = pipe(prompt="a bmx rider", negative_prompt="", num_frames=size[0], height=size[1], width=size[2],
                   num_inference_steps=4, guidance_scale=resolved.guidance_scale, use_dynamic_cfg=resolved.dynamic_cfg,
                   generator=torch.Generator().manual_seed(7), output_type="latent",
-                  max_sequence_length=model.max_text_seq_length).frames
+                  max_sequence_length=model.text_tokens).frames
     assert torch.equal(ours.latents, theirs.float())
 
 
@@ -142,7 +142,7 @@ def test_embeddings_from_another_grid_or_family_are_refused(tiny_models, referen
     embeds = load_embeds(path)
     with pytest.raises(DiTFlowError, match=r"grid.*3×4×6"):
         sample(model, text, GuidanceConfig(mode="none", num_inference_steps=4), size=(13, 64, 96), embeds=embeds)
-    with pytest.raises(DiTFlowError, match="model family 5b"):
+    with pytest.raises(DiTFlowError, match="model 5b,"):
         sample(tiny_models["2b"], encode_prompt(tiny_models["2b"], "x"),
                GuidanceConfig(mode="none", num_inference_steps=4), embeds=embeds)
     with pytest.raises(DiTFlowError, match="number of steps 4"):

@@ -1,22 +1,33 @@
 # SPDX-License-Identifier: Apache-2.0
-"""A tiny random CogVideoX in the exact diffusers folder layout of ``THUDM/CogVideoX-2b`` / ``-5b``.
+"""A tiny random CogVideoX in the exact diffusers folder layout of the ``THUDM/CogVideoX*`` repositories.
 
 Tests need a model that loads through the same code path as the real weights but builds in a second on a CPU
 and never touches the network. :func:`build_tiny_model` writes one::
 
-    OUT/model_index.json            _class_name CogVideoXPipeline
+    OUT/model_index.json            _class_name CogVideoXPipeline (CogVideoXImageToVideoPipeline for I2V)
     OUT/transformer/                CogVideoXTransformer3DModel   (config.json + safetensors)
     OUT/vae/                        AutoencoderKLCogVideoX        (config.json + safetensors)
     OUT/text_encoder/               T5EncoderModel                (config.json + safetensors)
     OUT/tokenizer/                  T5Tokenizer: spiece.model + tokenizer_config.json + special_tokens_map.json
     OUT/scheduler/                  CogVideoXDDIMScheduler        (scheduler_config.json)
 
+Variants (the real configurations: ``THUDM/CogVideoX-2b``, ``-5b``, ``-5b-I2V``, ``CogVideoX1.5-5B``,
+``CogVideoX1.5-5B-I2V``; :data:`VARIANTS`):
+
+- ``2b``: 3D sin-cos positions added in the patch embedding; VAE scale 1.15258426; DDIM snr_shift 3; fp16 files.
+- ``5b``: 3D RoPE on video Q/K; VAE scale 0.7; snr_shift 1; bf16 files.
+- ``5b-i2v``: as 5b, plus 32 input channels (noise ‖ image latent) and a learned positional table that only exists
+  for the sample grid (the real one: 60×90 latent px, i.e. 480×720 px only).
+- ``1.5``: as 5b with a temporal patch of 2 (a token covers 2 latent frames; a linear patch projection without
+  bias), "slice" RoPE bounded by the sample grid, and ``invert_scale_latents`` in the VAE config.
+- ``1.5-i2v``: as 1.5, plus 32 input channels and the ofs embedding (``ofs_embed_dim`` = ``time_embed_dim``).
+
 What is kept from the real models (method.md §1, §7), because our code must not depend on the real sizes:
 
 - The structure: patch 2×2, 8× spatial VAE compression (4 down blocks), 4× temporal compression, 16 latent
-  channels, ``[text; video]`` sequence, the 2b/5b position schemes (2b additive 3D sin-cos, 5b 3D RoPE on video
-  Q/K), the VAE scaling factors (2b 1.15258426, 5b 0.7), the scheduler configs, the storage dtypes (2b fp16,
-  5b bf16) and ``sample_frames`` = 49 *pixel* frames on a latent 8×12 sample grid (the real one is 60×90).
+  channels, ``[text; video]`` sequence, each variant's position scheme and conditioning inputs (above), the VAE
+  scaling factors, the scheduler configs, the storage dtypes and ``sample_frames`` in *pixel* frames (49 on
+  2b/5b on a latent 8×12 sample grid, the real one being 60×90; 81 on 1.5).
 - A real SentencePiece ``spiece.model`` (T5Tokenizer with 100 extra ids), trained here on a few built-in sentences.
   ``save_pretrained`` under transformers 5.x writes only a ``tokenizer.json`` and no ``spiece.model``; the real
   repositories ship ``spiece.model`` and no ``tokenizer.json``, so this folder does the same and loading takes
@@ -25,12 +36,17 @@ What is kept from the real models (method.md §1, §7), because our code must no
 What is tiny: 2 heads × head_dim 16 (inner 32; RoPE splits 16 into t/h/w = 4/6/6, as 64 into 16/24/24),
 ``num_layers`` blocks (default 4), ``max_text_seq_length`` 16 instead of 226 (code must read it from the config),
 T5 d_model 32 with 2 layers, VAE channels (16, 16, 16, 16) with one layer per block
-(encode + decode of the test clip ≈ 1.5 s on 2 CPU cores).
+(encode + decode of the test clip ≈ 1.5 s on 2 CPU cores). Two sample sizes differ from the real ratio on purpose:
+5b-i2v's learned table is built for the usual test clip (9 frames, 8×12 latent px; real: 49 frames, 60×90), so the
+tests run through it as a real 49-frame 480×720 run does; 1.5's "slice" RoPE grid is 16×16 patches (real 150×150),
+so a grid beyond it is cheap to test.
 
 Sizes for the usual test clip: 9 frames at 64×96 px → latent [3, 16, 8, 12] → 3 frames × 4×6 patches = 72 video
-tokens, plus 16 text tokens.
+tokens, plus 16 text tokens. On 1.5 the 3 latent frames are padded to 4 (one frame in front) → 2 token frames ×
+4×6 patches = 48 video tokens.
 
-Command line: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b [--num-layers N] [--seed S]``.
+Command line: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b|5b-i2v|1.5|1.5-i2v [--num-layers N]
+[--seed S]``.
 """
 
 from __future__ import annotations
@@ -44,21 +60,30 @@ import torch
 
 from ..errors import DiTFlowError
 
-#: Families the builder knows; the names match :func:`ditflow.loading.detect_family`.
-VARIANTS = ("2b", "5b")
+#: Variants the builder knows (see the module docstring); the keys of ``ditflow.backbones``' CogVideoX variants.
+VARIANTS = ("2b", "5b", "5b-i2v", "1.5", "1.5-i2v")
 
-#: Per-family differences that the real configs show (method.md §1).
-_FAMILY = {
-    "2b": {"rope": False, "vae_scaling_factor": 1.15258426, "snr_shift_scale": 3.0, "dtype": "half"},
-    "5b": {"rope": True, "vae_scaling_factor": 0.7, "snr_shift_scale": 1.0, "dtype": "bfloat16"},
+# Per-variant differences that the real configs show (method.md §1; the 1.5 transformer and VAE flags from
+# diffusers' conversion script and the published configs). "sample" is the transformer's sample grid in latent
+# px and pixel frames; "i2v" doubles the input channels (noise ‖ image latent).
+_BASE_5B = {"rope": True, "learned": False, "i2v": False, "patch_size_t": None, "ofs": False, "patch_bias": True,
+            "sample": (8, 12, 49), "vae_scaling_factor": 0.7, "invert_scale_latents": False, "snr_shift_scale": 1.0,
+            "dtype": "bfloat16"}
+_VARIANT = {
+    "2b": {**_BASE_5B, "rope": False, "vae_scaling_factor": 1.15258426, "snr_shift_scale": 3.0, "dtype": "half"},
+    "5b": _BASE_5B,
+    "5b-i2v": {**_BASE_5B, "learned": True, "i2v": True, "sample": (8, 12, 9)},
+    "1.5": {**_BASE_5B, "patch_size_t": 2, "patch_bias": False, "sample": (32, 32, 81), "invert_scale_latents": True},
+    "1.5-i2v": {**_BASE_5B, "patch_size_t": 2, "patch_bias": False, "sample": (32, 32, 81),
+                "invert_scale_latents": True, "i2v": True, "ofs": True},
 }
 
 #: Tiny sizes (see the module docstring for what they stand for).
 TEXT_DIM = 32  # T5 d_model = transformer text_embed_dim (real: 4096)
 MAX_TEXT_SEQ_LENGTH = 16  # real: 226
 LATENT_CHANNELS = 16  # as real
-NUM_HEADS, HEAD_DIM = 2, 16  # real: 30×64 (2b), 48×64 (5b)
-SAMPLE_LATENT_HEIGHT, SAMPLE_LATENT_WIDTH, SAMPLE_FRAMES = 8, 12, 49  # real: 60, 90, 49
+NUM_HEADS, HEAD_DIM = 2, 16  # real: 30×64 (2b), 48×64 (the 5B variants)
+TIME_EMBED_DIM = 32  # real: 512 (1.5-I2V: ofs_embed_dim too)
 EXTRA_IDS = 100  # as real
 SPM_VOCAB_SIZE = 160  # real: 32,000 pieces (+100 extra ids)
 
@@ -156,24 +181,32 @@ def _reinit_(module: torch.nn.Module, std: float = 0.02) -> None:
 def _transformer(variant: str, num_layers: int):
     from diffusers import CogVideoXTransformer3DModel
 
+    v = _VARIANT[variant]
+    height, width, frames = v["sample"]
     model = CogVideoXTransformer3DModel(
         num_attention_heads=NUM_HEADS,
         attention_head_dim=HEAD_DIM,
-        in_channels=LATENT_CHANNELS,
+        in_channels=2 * LATENT_CHANNELS if v["i2v"] else LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        time_embed_dim=32,
+        time_embed_dim=TIME_EMBED_DIM,
+        ofs_embed_dim=TIME_EMBED_DIM if v["ofs"] else None,
         text_embed_dim=TEXT_DIM,
         num_layers=num_layers,
-        sample_width=SAMPLE_LATENT_WIDTH,
-        sample_height=SAMPLE_LATENT_HEIGHT,
-        sample_frames=SAMPLE_FRAMES,
+        sample_width=width,
+        sample_height=height,
+        sample_frames=frames,
         patch_size=2,
+        patch_size_t=v["patch_size_t"],
+        patch_bias=v["patch_bias"],
         temporal_compression_ratio=4,
         max_text_seq_length=MAX_TEXT_SEQ_LENGTH,
-        use_rotary_positional_embeddings=_FAMILY[variant]["rope"],
-        use_learned_positional_embeddings=False,
+        use_rotary_positional_embeddings=v["rope"],
+        use_learned_positional_embeddings=v["learned"],
     )
     _reinit_(model)
+    if v["learned"]:  # a learned table for the video tokens, not the sin-cos values diffusers starts it from
+        with torch.no_grad():
+            model.patch_embed.pos_embedding[:, MAX_TEXT_SEQ_LENGTH:].normal_(0.0, 0.5)
     return model
 
 
@@ -193,7 +226,8 @@ def _vae(variant: str):
         # returns a wrong latent size (64×96 px → 9×12).
         sample_height=480,
         sample_width=720,
-        scaling_factor=_FAMILY[variant]["vae_scaling_factor"],
+        scaling_factor=_VARIANT[variant]["vae_scaling_factor"],
+        invert_scale_latents=_VARIANT[variant]["invert_scale_latents"],
     )
     _reinit_(model)
     return model
@@ -222,7 +256,7 @@ def _text_encoder(vocab_size: int):
 
 
 def _scheduler_config(variant: str) -> dict:
-    """``scheduler_config.json`` of the real repositories (CogVideoXDDIMScheduler for both families)."""
+    """``scheduler_config.json`` of the real repositories (CogVideoXDDIMScheduler in every variant)."""
     return {
         "beta_start": 0.00085,
         "beta_end": 0.012,
@@ -234,7 +268,7 @@ def _scheduler_config(variant: str) -> dict:
         "rescale_betas_zero_snr": True,
         "sample_max_value": 1.0,
         "set_alpha_to_one": True,
-        "snr_shift_scale": _FAMILY[variant]["snr_shift_scale"],
+        "snr_shift_scale": _VARIANT[variant]["snr_shift_scale"],
         "steps_offset": 0,
         "timestep_spacing": "trailing",
         "trained_betas": None,
@@ -254,12 +288,11 @@ def build_tiny_model(out_dir: str | Path, variant: str = "5b", *, num_layers: in
 
     Args:
         out_dir: folder to create (may exist; files in it are overwritten).
-        variant: ``"2b"`` (3D sin-cos positions, DDIM snr_shift 3, VAE scale 1.15258426, fp16 files) or
-            ``"5b"`` (3D RoPE, snr_shift 1, VAE scale 0.7, bf16 files).
-        num_layers: transformer blocks (real: 30 on 2b, 42 on 5b).
+        variant: one of :data:`VARIANTS` (the module docstring lists what each one is).
+        num_layers: transformer blocks (real: 30 on 2b, 42 on the 5B variants).
         seed: seeds every random initialisation.
     Returns:
-        ``Path(out_dir)``, a folder that ``ditflow.loading.load_cogvideox`` and ``CogVideoXPipeline.from_pretrained``
+        ``Path(out_dir)``, a folder that ``ditflow.backbones.load_model`` and ``CogVideoXPipeline.from_pretrained``
         both load.
     Raises:
         DiTFlowError: unknown variant or ``num_layers`` < 1.
@@ -274,7 +307,7 @@ def build_tiny_model(out_dir: str | Path, variant: str = "5b", *, num_layers: in
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    to_storage_dtype = _FAMILY[variant]["dtype"]  # nn.Module.half / .bfloat16: casts floating tensors only
+    to_storage_dtype = _VARIANT[variant]["dtype"]  # nn.Module.half / .bfloat16: casts floating tensors only
 
     vocab_size = _write_tokenizer(out / "tokenizer")
     with torch.random.fork_rng(devices=[]), torch.inference_mode(False):
@@ -300,7 +333,7 @@ def build_tiny_model(out_dir: str | Path, variant: str = "5b", *, num_layers: in
     CogVideoXDDIMScheduler(**_scheduler_config(variant)).save_pretrained(out / "scheduler")
 
     index = {
-        "_class_name": "CogVideoXPipeline",
+        "_class_name": "CogVideoXImageToVideoPipeline" if _VARIANT[variant]["i2v"] else "CogVideoXPipeline",
         "_diffusers_version": diffusers.__version__,
         "scheduler": ["diffusers", "CogVideoXDDIMScheduler"],
         "text_encoder": ["transformers", "T5EncoderModel"],
@@ -374,13 +407,15 @@ def build_tiny_kijai_model(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b``."""
+    """Command-line entry: ``python -m ditflow.testing.tiny_model OUT --variant 2b|5b|5b-i2v|1.5|1.5-i2v``."""
     parser = argparse.ArgumentParser(
         prog="python -m ditflow.testing.tiny_model",
         description="Write a tiny random CogVideoX (diffusers folder layout) for tests and demos.",
     )
     parser.add_argument("out", type=Path, help="folder to write")
-    parser.add_argument("--variant", choices=VARIANTS, default="5b", help="2b: sin-cos positions; 5b: RoPE")
+    parser.add_argument("--variant", choices=VARIANTS, default="5b", help="2b: sin-cos positions; 5b: RoPE; 5b-i2v: RoPE + learned "
+                        "positions, image latent on channels; 1.5: temporal patch 2, slice RoPE; 1.5-i2v: 1.5 with the "
+                        "image latent and the ofs embedding (default 5b)")
     parser.add_argument("--num-layers", type=int, default=4, help="transformer blocks (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation seed (default 0)")
     args = parser.parse_args(argv)

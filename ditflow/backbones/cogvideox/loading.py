@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Loading CogVideoX-2b / -5b from a diffusers folder (method.md §1, §7).
+"""Loading a CogVideoX (2b, 5b, 5b-I2V, 1.5, 1.5-I2V: :mod:`.variants`) from a diffusers folder (method.md §1, §7).
 
 :func:`load_cogvideox` reads ``transformer/config.json`` first and refuses unsupported variants before any
 weights are read, then loads the components with diffusers / transformers ``from_pretrained`` (safetensors only)
@@ -19,17 +19,15 @@ import importlib.util
 import os
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from .checkpoint import check_config, check_weights, read_json
-from .errors import DiTFlowError, quote
-
-#: Families this pack supports; see :func:`detect_family`.
-FAMILIES = ("2b", "5b")
+from ...checkpoint import check_config, check_weights, read_json
+from ...errors import DiTFlowError, quote
+from .model import CogVideoX
+from .schedule import build_scheduler
+from .variants import detect_variant
 
 #: The components :func:`load_cogvideox` can load, each from the subfolder of the same name (the text encoder and
 #: tokenizer may also come from elsewhere: kijai's layout).
@@ -39,7 +37,7 @@ TOKENIZER_REPO = "THUDM/CogVideoX-5b"
 
 _LAYOUT = (
     "a CogVideoX folder holds model_index.json and the subfolders transformer/ vae/ text_encoder/ tokenizer/ "
-    "scheduler/, as downloaded from THUDM/CogVideoX-2b or THUDM/CogVideoX-5b"
+    "scheduler/, as downloaded from THUDM/CogVideoX-5b (or another CogVideoX repository)"
 )
 
 _DTYPES = {
@@ -52,124 +50,6 @@ _DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
-
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The loaded model
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class CogVideoX:
-    """The loaded components of one CogVideoX checkpoint, on the device and in the dtype they were loaded with.
-
-    Components not asked for (see ``components`` in :func:`load_cogvideox`) are ``None``. The shape properties
-    read the transformer config, so they work even when the transformer itself was not loaded.
-
-    Attributes:
-        transformer: ``diffusers.CogVideoXTransformer3DModel`` in eval mode, ``requires_grad`` off.
-        vae: ``diffusers.AutoencoderKLCogVideoX`` in eval mode.
-        text_encoder: ``transformers.T5EncoderModel`` in eval mode.
-        tokenizer: the T5 tokenizer of the checkpoint.
-        scheduler_config: the checkpoint's ``scheduler/scheduler_config.json``; see :meth:`make_scheduler`.
-        family: ``"2b"`` (3D sin-cos positions) or ``"5b"`` (3D RoPE), from :func:`detect_family`.
-        dtype: the dtype the models were loaded in.
-        path: the folder or hub id they came from.
-        transformer_config: ``transformer/config.json``.
-        vae_config: ``vae/config.json``, or ``None`` when it was neither loaded nor found.
-        compute_device: with ``offload``, the device :meth:`on_device` moves components to; else ``None``.
-    """
-
-    transformer: Any = field(repr=False)
-    vae: Any = field(repr=False)
-    text_encoder: Any = field(repr=False)
-    tokenizer: Any = field(repr=False)
-    scheduler_config: dict = field(repr=False)
-    family: str
-    dtype: torch.dtype
-    path: str
-    transformer_config: dict = field(default_factory=dict, repr=False)
-    vae_config: dict | None = field(default=None, repr=False)
-    compute_device: str | None = None
-
-    @contextlib.contextmanager
-    def on_device(self, *names: str) -> Iterator[CogVideoX]:
-        """Within the ``with``, the named components sit on :attr:`compute_device`; after it, back on the CPU.
-
-        Sequential offload for the command line: only one network at a time needs GPU memory (the 5b transformer
-        11 GB, its T5 9.5 GB). A no-op when the model was loaded without ``offload``.
-        """
-        if self.compute_device is None:
-            yield self
-            return
-        modules = [getattr(self, n) for n in names]
-        try:
-            with torch.inference_mode(False):  # moved weights stay normal tensors even if a caller is in it
-                for m in modules:
-                    m.to(self.compute_device)
-            yield self
-        finally:
-            with torch.inference_mode(False):
-                for m in modules:
-                    m.to("cpu")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-
-    def keep_on_device(self) -> None:
-        """Ends sequential offload: every loaded network moves to :attr:`compute_device` and stays there.
-
-        ``offload none`` of :func:`ditflow.memory.plan_memory`, decided once the weights' sizes are known. A no-op
-        when the model was loaded without ``offload``.
-        """
-        if self.compute_device is None:
-            return
-        with torch.inference_mode(False):
-            for name in ("transformer", "vae", "text_encoder"):
-                module = getattr(self, name)
-                if module is not None:
-                    module.to(self.compute_device)
-        self.compute_device = None
-
-    @property
-    def num_blocks(self) -> int:
-        """Transformer blocks (30 on 2b, 42 on 5b)."""
-        return int(self.transformer_config["num_layers"])
-
-    @property
-    def num_heads(self) -> int:
-        """Attention heads per block (30 on 2b, 48 on 5b)."""
-        return int(self.transformer_config["num_attention_heads"])
-
-    @property
-    def head_dim(self) -> int:
-        """Channels per head (64 on both)."""
-        return int(self.transformer_config["attention_head_dim"])
-
-    @property
-    def max_text_seq_length(self) -> int:
-        """Text tokens the transformer takes, padded to this length (226 on the real models)."""
-        return int(self.transformer_config["max_text_seq_length"])
-
-    @property
-    def patch_size(self) -> int:
-        """Spatial patch size in latent pixels (2)."""
-        return int(self.transformer_config["patch_size"])
-
-    @property
-    def vae_scaling_factor(self) -> float:
-        """Latent scale (1.15258426 on 2b, 0.7 on 5b); raises :class:`DiTFlowError` if no VAE config was read."""
-        if self.vae_config is None:
-            raise DiTFlowError(f"no VAE config was loaded from {self.path}; load the 'vae' component.")
-        return float(self.vae_config["scaling_factor"])
-
-    def make_scheduler(self):
-        """A fresh scheduler for one sampling run, with ``timestep_spacing="trailing"``.
-
-        ``CogVideoXDDIMScheduler`` for 2b and ``CogVideoXDPMScheduler`` for 5b, both from the checkpoint's
-        scheduler config, as the diffusers CogVideoX documentation recommends.
-        """
-        return build_scheduler(self.family, self.scheduler_config, self.path)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,65 +67,6 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     raise DiTFlowError(f"unknown dtype {dtype!r}; choose bf16, fp16 or fp32.")
 
 
-def build_scheduler(family: str, scheduler_config: dict, path: str = ""):
-    """The sampling scheduler of ``family`` from ``scheduler/scheduler_config.json``, ``timestep_spacing="trailing"``.
-
-    Raises:
-        DiTFlowError: a config diffusers cannot build the scheduler from (a ``beta_schedule`` it lacks, a string or
-            negative ``num_train_timesteps``, ...), naming the file and quoting diffusers' complaint.
-    """
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXDPMScheduler
-
-    cls = CogVideoXDDIMScheduler if family == "2b" else CogVideoXDPMScheduler
-    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
-    try:
-        return cls.from_config(config, timestep_spacing="trailing")
-    except Exception as e:  # diffusers raises many types for bad values
-        raise DiTFlowError(
-            f"{Path(path) / 'scheduler' / 'scheduler_config.json'} cannot configure a {cls.__name__} "
-            f"({quote(e)}); re-download scheduler/ from the model's Hugging Face repository."
-        ) from None
-
-
-def detect_family(transformer_config: dict) -> str:
-    """The model family of a CogVideoX ``transformer/config.json``: ``"2b"`` (sin-cos) or ``"5b"`` (RoPE).
-
-    Args:
-        transformer_config: the parsed config; missing keys take diffusers' defaults.
-    Returns:
-        ``"2b"`` when ``use_rotary_positional_embeddings`` is false (3D sin-cos added in the patch embedding),
-        ``"5b"`` when it is true (3D RoPE on the video Q/K).
-    Raises:
-        DiTFlowError: "… is not supported yet", naming what was detected, for another transformer class,
-            CogVideoX 1.5 (``patch_size_t`` or ``ofs_embed_dim`` set), image-to-video models (5b-I2V: 32 input
-            channels = noise ‖ image latent, learned positional embeddings), or a patch size / temporal
-            compression other than 2 / 4.
-    """
-    c = transformer_config
-    cls = c.get("_class_name", "CogVideoXTransformer3DModel")
-    if cls != "CogVideoXTransformer3DModel":
-        raise DiTFlowError(f"a {cls} transformer is not supported yet; DiTFlow needs CogVideoX-2b or CogVideoX-5b.")
-    if c.get("patch_size_t") is not None or c.get("ofs_embed_dim"):
-        raise DiTFlowError(
-            f"CogVideoX 1.5 (patch_size_t={c.get('patch_size_t')}, ofs_embed_dim={c.get('ofs_embed_dim')}) is not "
-            "supported yet; use CogVideoX-2b or CogVideoX-5b."
-        )
-    in_ch = c.get("in_channels", 16)
-    out_ch = c.get("out_channels") or in_ch
-    if c.get("use_learned_positional_embeddings", False) or in_ch != out_ch:
-        raise DiTFlowError(
-            f"image-to-video CogVideoX (in_channels={in_ch}, out_channels={out_ch}, learned positional embeddings="
-            f"{bool(c.get('use_learned_positional_embeddings', False))}, as in CogVideoX-5b-I2V) is not supported "
-            "yet; use the text-to-video CogVideoX-2b or CogVideoX-5b."
-        )
-    if c.get("patch_size", 2) != 2 or c.get("temporal_compression_ratio", 4) != 4:
-        raise DiTFlowError(
-            f"a CogVideoX with patch_size={c.get('patch_size')} and temporal_compression_ratio="
-            f"{c.get('temporal_compression_ratio')} is not supported yet; CogVideoX-2b/-5b use 2 and 4."
-        )
-    return "5b" if c.get("use_rotary_positional_embeddings", False) else "2b"
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +75,7 @@ def detect_family(transformer_config: dict) -> str:
 def _resolve(path: str | os.PathLike, subfolders: list[str], log: Callable[[str], None] | None) -> Path:
     """The local folder of ``path``: the folder itself, or a hub id's snapshot in the cache (fetching the
     ``subfolders``, see :mod:`ditflow.hub`); raises for a missing local folder."""
-    from . import hub
+    from ... import hub
 
     text = os.fspath(path)
     if not Path(text).expanduser().is_dir() and not hub.is_hub_id(text):
@@ -265,7 +86,7 @@ def _resolve(path: str | os.PathLike, subfolders: list[str], log: Callable[[str]
 def _check_layout(root: Path, subfolders: list[str]) -> None:
     """Raises :class:`DiTFlowError` naming every missing subfolder / config / safetensors file under ``root`` (for a
     snapshot in the hub cache, also how to complete it; for kijai's layout, where T5 comes from)."""
-    from .hub import incomplete_hint
+    from ...hub import incomplete_hint
 
     try:
         _check_files(root, subfolders)
@@ -335,7 +156,7 @@ def _tokenizer_folder(local: Path, tokenizer_path: str | os.PathLike | None, log
     """Where the T5 tokenizer is: ``tokenizer_path``, else ``local/tokenizer``, else (kijai's layout, which has
     none) THUDM/CogVideoX-5b's ``tokenizer/`` from the hub cache, fetched if missing (< 1 MB; the same T5 vocabulary
     for 2b and 5b)."""
-    from . import hub
+    from ... import hub
 
     if tokenizer_path is not None:
         folder = Path(tokenizer_path).expanduser()
@@ -414,7 +235,7 @@ def _explained(source: str, component: str) -> Iterator[None]:
 def _load_text_encoder(local: Path, text_encoder_file, torch_dtype: torch.dtype):
     """T5 from ``text_encoder_file`` (:func:`ditflow.t5_file.load_t5_file`) or from ``local/text_encoder``."""
     if text_encoder_file is not None:
-        from .t5_file import load_t5_file
+        from ...t5_file import load_t5_file
 
         return load_t5_file(text_encoder_file, torch_dtype)
     from transformers import T5EncoderModel
@@ -453,7 +274,7 @@ def load_cogvideox(
     tokenizer_path: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CogVideoX:
-    """Loads CogVideoX-2b or -5b from a diffusers folder (or a hub id) for DiTFlow.
+    """Loads a CogVideoX of any supported variant from a diffusers folder (or a hub id) for DiTFlow.
 
     Safe to call under ``torch.inference_mode()`` (as ComfyUI does): the weights are created as normal tensors,
     so gradients can later flow through the transformer.
@@ -482,7 +303,7 @@ def load_cogvideox(
     Returns:
         :class:`CogVideoX` with the models in eval mode and ``requires_grad`` off.
     Raises:
-        DiTFlowError: missing folder, missing subfolder / config / safetensors, unsupported family (raised from
+        DiTFlowError: missing folder, missing subfolder / config / safetensors, unsupported variant (raised from
             the config before any weights are read), unknown dtype or component, a tokenizer that cannot load, or
             a hub id that is not in the cache and cannot be downloaded (offline: how to download it).
     """
@@ -506,11 +327,11 @@ def load_cogvideox(
     local = _resolve(path, subfolders, log)
     _check_layout(local, subfolders)
     transformer_config = _read_config(local, "transformer", "config.json")
-    family = detect_family(transformer_config)
+    variant = detect_variant(transformer_config)
     configs = {"transformer": _checked_config(local, "transformer")}
     configs.update({c: _checked_config(local, c) for c in ("vae", "text_encoder") if c in subfolders})
     scheduler_config = _checked_config(local, "scheduler")
-    build_scheduler(family, scheduler_config, str(local))
+    build_scheduler(variant.scheduler, scheduler_config, str(local))
     for kind, config in configs.items():  # headers, sizes, shard indexes, names and shapes: before any tensor is read
         if kind in components:
             check_weights(local / kind, kind, config)
@@ -561,7 +382,7 @@ def load_cogvideox(
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler_config=scheduler_config,
-        family=family,
+        spec=variant,
         dtype=torch_dtype,
         path=source,
         transformer_config=transformer_config,
