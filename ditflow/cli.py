@@ -110,7 +110,8 @@ def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> 
     r.add_argument("--image", default=None,
                    help="image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V): the start frame, an image "
                    "file (png/jpg/webp) or a video's first frame, fitted to the size like the reference (default: the "
-                   "reference's first frame" + ("; without --video it is needed" if replay else "") + ")")
+                   "reference's first frame" + ("; without --video it is needed" if replay else "; with --flow it is needed: the "
+                   "poked image") + ")")
     if not replay:
         f = p.add_argument_group("motion from a flow (--flow)")
         f.add_argument("--flow-scale", type=float, default=1.0, help="multiplies the flow (default 1)")
@@ -529,7 +530,7 @@ def _run(args, jobs) -> dict | None:
             target = jobs.FlowTarget(num_frames=args.num_frames, height=args.height, width=args.width,
                                      fit=args.resize, scale=args.flow_scale, min_motion=args.min_motion)
             return jobs.transfer_flow(_model_options(args), args.flow, args.prompt, args.out, target=target,
-                                      negative_prompt=args.negative_prompt, config=config, seed=args.seed,
+                                      image=args.image, negative_prompt=args.negative_prompt, config=config, seed=args.seed,
                                       fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
         reference = _reference_options(args)
         return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,

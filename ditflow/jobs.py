@@ -363,6 +363,7 @@ def transfer_flow(
     out_dir: str | os.PathLike,
     *,
     target: FlowTarget = FlowTarget(),
+    image: str | os.PathLike | None = None,
     negative_prompt: str = "",
     config: GuidanceConfig = GuidanceConfig(),
     seed: int = 0,
@@ -373,12 +374,16 @@ def transfer_flow(
 ) -> dict:
     """Generation that follows a flow field instead of a reference video (``python -m ditflow poke``'s
     ``flow.safetensors``): the straight-line motion target of :func:`~ditflow.motion_target.poke_reference` at the
-    guidance block(s), no KV injection. Publishes ``result.mp4`` and ``run.json`` as ``out_dir`` (as :func:`transfer`);
-    returns the run record.
+    guidance block(s), on the model's token grid, no KV injection. Publishes ``result.mp4`` and ``run.json`` as
+    ``out_dir`` (as :func:`transfer`); returns the run record.
 
+    Args:
+        image: image-to-video models: the start frame's image file, fitted like the flow (``target.fit``); the
+            poked image is the natural one. Text-to-video models take none.
     Raises:
-        DiTFlowError: as for :func:`transfer`; a flow file that cannot be read, a target where nothing moves, or a
-            ``config`` that cannot use a motion target (loss moft/smm, mode none).
+        DiTFlowError: as for :func:`transfer`; a flow file that cannot be read, a target where nothing moves, a
+            ``config`` that cannot use a motion target (loss moft/smm, mode none), or a start image missing (I2V)
+            or given to a text-to-video model.
     """
     from .config import Loss
     from .motion_target import poke_reference, read_flow
@@ -387,29 +392,34 @@ def transfer_flow(
         raise DiTFlowError("a flow gives an AMF motion target: use --loss amf with --mode latent, rope or posemb.")
     fps = FOLDER_FPS if check_fps(fps) is None else fps
     size = (NATIVE_FRAMES if target.num_frames == AUTO else target.num_frames, target.height, target.width)
-    out = OutputSet(out_dir, overwrite=overwrite, inputs=(flow_path, model.path))
+    out = OutputSet(out_dir, overwrite=overwrite, inputs=(flow_path, model.path) + (() if image is None else (image,)))
     with out as folder:
         flow, flow_metadata = read_flow(flow_path)
 
-        def motion_at(blocks):  # checks flow, size and options; cheap, so done before the model loads too
+        def motion_at(blocks, backbone=None):  # checks flow, size and options: done before the model loads too
             return poke_reference(flow, num_frames=size[0], height=size[1], width=size[2], blocks=blocks,
                                   fit=target.fit, scale=target.scale, min_motion=target.min_motion,
-                                  temperature=config.temperature)
+                                  temperature=config.temperature, model=backbone)
 
         motion_at(config.guidance_blocks or (0,))
         timings = {}
         tic = time.perf_counter()
         cog, plan = load_for_run(model, size, config, log=log)
         timings["load_model"] = time.perf_counter() - tic
+        if cog.needs_image and image is None:
+            raise DiTFlowError(f"{cog.name} generates from a start image; give it with --image (the poked image, "
+                               "whose motion the flow describes).")
+        start = start_frame(cog, image, None, ReferenceOptions(resize=target.fit), size)
         resolved = dataclasses.replace(config.resolved(cog), kv_injection_blocks=(),
                                        gradient_checkpointing=plan.gradient_checkpointing)
-        out_frames, result = generate(cog, prompt, resolved, motion_at(resolved.guidance_blocks), size=size,
-                                      negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings)
+        out_frames, result = generate(cog, prompt, resolved, motion_at(resolved.guidance_blocks, cog), size=size,
+                                      negative_prompt=negative_prompt, seed=seed, callback=callback, timings=timings,
+                                      image=start)
         settings = {
             "model": dataclasses.asdict(model), "model_family": cog.variant, "flow": str(flow_path),
             "flow_metadata": flow_metadata, "target": dataclasses.asdict(target), "prompt": prompt,
             "negative_prompt": negative_prompt, "num_frames": size[0], "seed": seed, "fps": fps,
-            "frames_written": int(out_frames.shape[0]),
+            "frames_written": int(out_frames.shape[0]), "image": None if image is None else str(image),
         }
         record = _record("transfer_flow", settings, resolved, result, timings, memory_record(plan, model.device))
         _write_all(out, folder, {"result.mp4": lambda p: write_video(p, out_frames, fps),

@@ -11,8 +11,8 @@ DiTFlow guides toward the reference AMF, ``Δ_ij`` per query patch of token fram
 2. Averaged over each 16 × 16 px patch (8× VAE × 2× patch; pixels the image does not cover, i.e. padding, are left
    out of the average) and divided by 16: one vector ``v`` per patch in patch-grid units.
 3. A straight trajectory per patch over the clip: the flow is the motion from the first to the last frame, so
-   ``Δ_ij = (j − i)/(F − 1) · v`` for token frames i, j of F (token frame i shows video frame 4i: the same fraction
-   of the clip in either unit). The endpoint is clamped to the patch grid, as an attention-read displacement
+   ``Δ_ij = (j − i)/(F − 1) · v`` for token frames i, j of F (token frame i is i/(F − 1) of the way through the
+   clip; on CogVideoX 1.0 it shows video frame 4i, on 1.5 a token frame spans two latent frames). The endpoint is clamped to the patch grid, as an attention-read displacement
    cannot leave it.
 
 The result is a :class:`~ditflow.reference.ReferenceMotion` with that AMF at the guidance block(s) and no latents,
@@ -36,7 +36,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from .config import GuidanceConfig, check_number
+from .config import GuidanceConfig, check_blocks, check_number
 from .errors import DiTFlowError
 from .layout import PIXELS_PER_PATCH, token_grid
 from .reference import ReferenceMotion
@@ -67,7 +67,7 @@ def _single_flow(flow: Tensor) -> Tensor:
 
 
 def flow_to_patches(
-    flow: Float[Tensor, "H W 2"], height: int, width: int, *, fit: str = "crop"
+    flow: Float[Tensor, "H W 2"], height: int, width: int, *, fit: str = "crop", patch_px: int = PIXELS_PER_PATCH
 ) -> Float[Tensor, "h w 2"]:
     """A flow field in source pixels → one displacement per patch of a ``height × width`` px generation.
 
@@ -77,9 +77,10 @@ def flow_to_patches(
         height, width: the generation's size in px, positive multiples of 16.
         fit: how the source image meets the generation's frame, as for the reference video / start image
             (:data:`ditflow.video.RESIZE_MODES`): ``crop``, ``stretch`` or ``pad``.
+        patch_px: pixels per patch-grid unit, VAE spatial factor × patch size (CogVideoX: 8 × 2 = 16).
     Returns:
-        float32 ``[height/16, width/16, 2]``: per patch, the mean flow of the pixels it covers, in patch-grid units
-        (1 = 16 px); ``(0, 0)`` where the source covers none of the patch (padding).
+        float32 ``[height/patch_px, width/patch_px, 2]``: per patch, the mean flow of the pixels it covers, in
+        patch-grid units (1 = 16 px); ``(0, 0)`` where the source covers none of the patch (padding).
     Raises:
         DiTFlowError: a flow that is not one finite ``[H, W, 2]`` field, a size that is not a positive multiple of
             16, or an unknown ``fit``.
@@ -92,10 +93,10 @@ def flow_to_patches(
     resized = fit_pictures(vectors, height, width, fit)  # as the frames are fitted: bilinear, antialiased
     covered = place(torch.ones(1, 1, new_h, new_w), top, left, height, width)
     pool = torch.nn.functional.avg_pool2d
-    total = pool(resized * covered, PIXELS_PER_PATCH)  # [1, 2, h, w] px
-    share = pool(covered, PIXELS_PER_PATCH)
+    total = pool(resized * covered, patch_px)  # [1, 2, h, w] px
+    share = pool(covered, patch_px)
     mean = torch.where(share > 0, total / share.clamp_min(1e-12), torch.zeros_like(total))
-    return rearrange(mean[0] / PIXELS_PER_PATCH, "c h w -> h w c").contiguous()
+    return rearrange(mean[0] / patch_px, "c h w -> h w c").contiguous()
 
 
 def straight_line_amf(patch_flow: Float[Tensor, "h w 2"], num_token_frames: int) -> Float[Tensor, "pairs s 2"]:
@@ -140,6 +141,7 @@ def poke_reference(
     scale: float = 1.0,
     min_motion: float = 0.0,
     temperature: float = GuidanceConfig.temperature,
+    model=None,
 ) -> ReferenceMotion:
     """A motion target for :func:`ditflow.sampler.sample` from a flow field: the straight-line AMF of each patch.
 
@@ -148,20 +150,27 @@ def poke_reference(
             the last frame (see :func:`flow_to_patches`).
         num_frames, height, width: the generation's video frames (4k+1) and size in px (multiples of 16).
         blocks: guidance block(s) the target is given at (the sampler guides there; checked against the model
-            when sampling): e.g. ``[20]`` on CogVideoX-5b, ``[15]`` on -2b.
+            here when ``model`` is given, else when sampling): e.g. ``[20]`` on CogVideoX-5b, ``[15]`` on -2b.
         fit: how the source image meets the frame (``crop``, ``stretch``, ``pad``), as for the start image.
         scale: multiplies the flow (2 = twice as far over the clip); ≥ 0.
         min_motion: patches whose motion over the clip is shorter than this, in px of the generation, are left
             free (no target) rather than held still; 0 holds every patch with any flow to it.
         temperature: τ of the generated AMF (Eq. 3) the sampler uses; paper: 2.
+        model: the backbone the target is for (:mod:`ditflow.backbones`), optional: its token grid is used (on
+            CogVideoX 1.5 a token frame spans two latent frames) and the size and blocks are checked against it now;
+            without it the grid is CogVideoX 1.0's (F = (frames − 1)/4 + 1) and the sampler checks the rest.
     Returns:
         :class:`~ditflow.reference.ReferenceMotion` with ``amf = {block: [F², S, 2]}`` (patch-grid units),
-        ``grid = (F, h, w)`` and ``latents = None`` (no KV injection).
+        ``grid = (F, h, w)`` token frames and patches, and ``latents = None`` (no KV injection).
     Raises:
-        DiTFlowError: a bad flow, size, frame count, fit, block, scale, threshold or temperature, or a target where
-            nothing moves (the loss would be undefined).
+        DiTFlowError: a bad flow, size, frame count, fit, block, scale, threshold or temperature, a size or block
+            the model cannot take, or a target where nothing moves (the loss would be undefined).
     """
-    grid = token_grid(num_frames, height, width)
+    if model is None:
+        grid = token_grid(num_frames, height, width)
+    else:
+        grid = tuple(model.geometry(num_frames, height, width).token_grid)
+        blocks = check_blocks(blocks, model.num_blocks)
     scale = check_number("scale", scale, 0.0, 1e6, "1 keeps the predicted motion")
     min_motion = check_number("min_motion", min_motion, 0.0, math.inf, "px over the clip; 0 keeps every patch")
     temperature = check_number("temperature", temperature, 0.0, 100.0, "paper: 2", low_open=True)
@@ -169,8 +178,9 @@ def poke_reference(
     if not blocks or blocks[0] < 0:
         raise DiTFlowError(f"give one or more guidance blocks ≥ 0 for the motion target, got {list(blocks)}.")
     with torch.inference_mode(False):  # a target built in ComfyUI's inference mode must still enter autograd
-        patches = flow_to_patches(flow, height, width, fit=fit) * scale
-        still = patches.norm(dim=-1, keepdim=True) * PIXELS_PER_PATCH < min_motion
+        patch_px = height // grid[1]
+        patches = flow_to_patches(flow, height, width, fit=fit, patch_px=patch_px) * scale
+        still = patches.norm(dim=-1, keepdim=True) * patch_px < min_motion
         patches = torch.where(still, torch.zeros_like(patches), patches)
         amf = straight_line_amf(patches, grid[0])
     if not amf.ne(0).any():

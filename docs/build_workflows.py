@@ -226,14 +226,15 @@ def rope_inject():
 
 
 def poke_chain(g):
-    """Load FPT and Load Image → FPT Embed Image, and FPT Pokes (two example pokes); returns (fpt, embed, pokes)."""
+    """Load FPT and Load Image → FPT Embed Image, and FPT Pokes (two example pokes); returns (fpt, image, embed,
+    pokes)."""
     fpt = g.add("DiTFlowLoadFPT", (20, 380), {"weights": "fpt_base.safetensors"}, size=(330, 90))
     image = g.add("LoadImage", (20, 510), ["example.png", "image"], size=(330, 380))
     embed = g.add("DiTFlowFPTEmbedImage", (400, 380), {"fit": "pad"}, size=(300, 80))
     pokes = g.add("DiTFlowPokes", (400, 20), {"pokes": "200,256,260,256\n330,200,330,170"}, size=(300, 160))
     g.link(fpt, 0, embed, "fpt")
     g.link(image, 0, embed, "image")
-    return fpt, embed, pokes
+    return fpt, image, embed, pokes
 
 
 def fpt_poke_flow():
@@ -247,7 +248,7 @@ def fpt_poke_flow():
         "2. Load an image and write pokes as x0,y0,x1,y1 in its pixels (drag (x0, y0) to (x1, y1)), one per line.\n"
         "3. FPT Predict Flow: the expected motion (mean) or one sampled motion (sample, seeded).\n"
         "   FPT Motion Density: where the query point may go."], size=(360, 330))
-    load, embed, pokes = poke_chain(g)
+    load, _, embed, pokes = poke_chain(g)
     flow = g.add("DiTFlowFPTPredictFlow", (760, 20), {"mode": "mean", "grid": 128}, size=(320, 250))
     density = g.add("DiTFlowFPTMotionDensity", (760, 420), {"query_x": 230.0, "query_y": 300.0}, size=(320, 200))
     show_flow = g.add("PreviewImage", (1120, 20), size=(360, 360), title="flow (colour wheel) and pokes")
@@ -261,42 +262,65 @@ def fpt_poke_flow():
     return g.json()
 
 
-def fpt_poke_motion():
-    """Motion sketched with pokes drives CogVideoX: Predict Flow → Motion Target → Guided Sampler (T2V)."""
+POKE_NOTE = (
+    "Motion from pokes instead of a reference video (beyond the FPT authors).\n\n"
+    "FPT Predict Flow says how the image moves when poked; DiTFlow Motion Target from Flow turns that flow into the "
+    "sampler's motion target: each 16 px patch moves in a straight line by its mean flow from the first to the last "
+    "frame (scale stretches it). Set the target's width, height and frames to the video you want; the sampler takes "
+    "them (its 0s). No reference latents, so no KV injection. FPT weights: see fpt_poke_flow.json (CC BY-NC 4.0). "
+    "Not yet validated on real weights: start with scale 1-2, block 20 (15 on CogVideoX-2b).\n\n")
+
+
+def poke_motion(note: str, model: dict, prompt: str, prefix: str, start_image: bool):
+    """Pokes → Predict Flow → Motion Target from Flow → Guided Sampler (latent) → Decode → SaveVideo; with
+    ``start_image`` the poked image is also the image-to-video model's first frame."""
     g = Graph()
-    g.add("Note", (20, 20), [
-        "Motion from pokes instead of a reference video (beyond the FPT authors).\n\n"
-        "FPT Predict Flow says how the image moves when poked; DiTFlow Motion Target from Flow turns that flow into "
-        "the sampler's motion target: each 16 px patch moves in a straight line by its mean flow from the first to "
-        "the last frame (scale stretches it). Set the target's width, height and frames to the video you want; the "
-        "sampler takes them (its 0s).\n\n"
-        "Text-to-video: the image only shapes the motion; the prompt describes the scene, so describe what is in the "
-        "image. No reference latents, so no KV injection. FPT weights: see fpt_poke_flow.json (CC BY-NC 4.0). "
-        "Not yet validated on real weights: start with scale 1-2, block 20 (15 on CogVideoX-2b)."], size=(360, 330))
-    fpt, embed, pokes = poke_chain(g)
+    g.add("Note", (20, 20), [POKE_NOTE + note], size=(360, 330))
+    fpt, image, embed, pokes = poke_chain(g)
     flow = g.add("DiTFlowFPTPredictFlow", (400, 500), {"mode": "mean", "grid": 128}, size=(320, 250))
     show_flow = g.add("PreviewImage", (400, 800), size=(320, 300), title="flow (colour wheel) and pokes")
     target = g.add("DiTFlowPokeMotionTarget", (760, 500), {"width": 720, "height": 480, "num_frames": 49,
                                                            "fit": "crop", "block": 20}, size=(320, 280))
     vis = g.add("DiTFlowVisualizeAMF", (760, 820), {"query_frame": 0, "key_frame": 12, "arrow_stride": 2},
                 size=(300, 150))
-    show_target = g.add("PreviewImage", (760, 1010), size=(300, 260), title="target: frame 0 → 12")
-    load = g.add("DiTFlowLoadCogVideoX", (760, 20), MODEL, size=(320, 150))
-    text = g.add("DiTFlowTextEncode", (760, 210), {"prompt": POKE_PROMPT, "negative_prompt": ""}, size=(400, 260))
+    show_target = g.add("PreviewImage", (760, 1010), size=(300, 220), title="target: frame 0 → 12")
+    load = g.add("DiTFlowLoadCogVideoX", (760, 20), model, size=(320, 150))
+    text = g.add("DiTFlowTextEncode", (760, 210), {"prompt": prompt, "negative_prompt": ""}, size=(400, 260))
     sampler = g.add("DiTFlowGuidedSampler", (1200, 20), sampler_widgets("latent", kv_injection=False), size=(340, 520))
     g.link(fpt, 0, flow, "fpt")
     g.link(embed, 0, flow, "embedding")
     g.link(pokes, 0, flow, "pokes")
     g.link(flow, 1, show_flow, "images")
     g.link(flow, 0, target, "flow")
+    g.link(load, 0, target, "model")
     g.link(target, 0, vis, "amf")
     g.link(vis, 1, show_target, "images")
     g.link(load, 0, text, "model")
     g.link(load, 0, sampler, "model")
     g.link(text, 0, sampler, "conditioning")
     g.link(target, 0, sampler, "amf")
-    output_chain(g, load, sampler, 1580, "ditflow/poke")
+    if start_image:
+        g.link(image, 0, sampler, "start_image")
+    output_chain(g, load, sampler, 1580, prefix)
     return g.json()
+
+
+def fpt_poke_motion():
+    """Text-to-video (CogVideoX-5b): the poked image shapes the motion only."""
+    return poke_motion(
+        "Text-to-video: the image only shapes the motion; the prompt describes the scene, so describe what is in the "
+        "image. To start the video from the poked image, see fpt_poke_motion_i2v.json.",
+        MODEL, POKE_PROMPT, "ditflow/poke", start_image=False)
+
+
+def fpt_poke_motion_i2v():
+    """Image-to-video (CogVideoX-5b-I2V): the poked image is the first frame and the pokes move it."""
+    return poke_motion(
+        "Image-to-video: the poked image is also the first frame (the sampler's start_image, centre-cropped as the "
+        "target's fit crop), so the pokes move what you poked. CogVideoX-5b-I2V generates at 480×720 only; "
+        "CogVideoX1.5-5B-I2V takes other sizes (the target follows the model's token grid: keep its model input "
+        "connected).",
+        {**MODEL, "model": "CogVideoX-5b-I2V"}, POKE_PROMPT, "ditflow/poke_i2v", start_image=True)
 
 
 WORKFLOWS = {
@@ -306,6 +330,7 @@ WORKFLOWS = {
     "ditflow_rope_inject": rope_inject,
     "fpt_poke_flow": fpt_poke_flow,
     "fpt_poke_motion": fpt_poke_motion,
+    "fpt_poke_motion_i2v": fpt_poke_motion_i2v,
 }
 
 if __name__ == "__main__":

@@ -252,9 +252,9 @@ class DiTFlowPokeMotionTarget:
                        "multiple of 16 (CogVideoX native: 480)."}),
             "num_frames": ("INT", {"default": 49, "min": 5, "max": 1025, "step": 4, "tooltip": "Video frames, 4k+1 "
                            "(CogVideoX native: 49 = 13 latent frames)."}),
-            "fit": (list(RESIZE_MODES), {"default": "crop", "tooltip": "How the poked image meets the video's frame "
-                    "(use the same as for the start image): crop = cover and centre-crop; stretch = ignore the "
-                    "aspect ratio; pad = fit inside (the padding gets no target)."}),
+            "fit": (list(RESIZE_MODES), {"default": "crop", "tooltip": "How the poked image meets the video's frame: "
+                    "crop = cover and centre-crop (as the sampler fits a start image, so the target lines up with "
+                    "it); stretch = ignore the aspect ratio; pad = fit inside (the padding gets no target)."}),
             "block": ("INT", {"default": 20, "min": 0, "max": 99, "tooltip": "Transformer block the sampler guides "
                       "at (0-based). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
             "scale": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip": "Multiplies the "
@@ -264,10 +264,15 @@ class DiTFlowPokeMotionTarget:
                            "held still; 0 holds every patch the flow reaches."}),
             "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "τ of the "
                             "generated AMF (Eq. 3) the sampler uses; paper: 2."}),
+        }, "optional": {
+            "model": ("COGVIDEOX", {"tooltip": "The CogVideoX the sampler runs (nothing is loaded): the target is "
+                      "built on its token grid (needed for CogVideoX 1.5, whose token frames span two latent frames) "
+                      "and the size and block are checked now."}),
         }}
 
-    def target(self, flow, width, height, num_frames, fit, block, scale, min_motion, temperature):
+    def target(self, flow, width, height, num_frames, fit, block, scale, min_motion, temperature, model=None):
         from ditflow.motion_target import poke_reference
 
         return (poke_reference(flow, num_frames=num_frames, height=height, width=width, blocks=[block], fit=fit,
-                               scale=scale, min_motion=min_motion, temperature=temperature),)
+                               scale=scale, min_motion=min_motion, temperature=temperature,
+                               model=None if model is None else model.bundle),)

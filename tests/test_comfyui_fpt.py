@@ -32,8 +32,8 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def server():
-    """A ComfyUI server with this pack, the tiny FPT as models/fpt/fpt_base.safetensors, tiny-5b in models/CogVideo
-    and a 90×60 example.png."""
+    """A ComfyUI server with this pack, the tiny FPT as models/fpt/fpt_base.safetensors, tiny-5b and tiny-5b-i2v in
+    models/CogVideo and a 90×60 example.png."""
     import cv2
     import numpy as np
 
@@ -42,7 +42,8 @@ def server():
 
     with comfy_server() as base:
         build_tiny_fpt(base / "models" / "fpt" / "fpt_base.safetensors")
-        build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")
+        for variant in ("5b", "5b-i2v"):
+            build_tiny_model(base / "models" / "CogVideo" / f"tiny-{variant}", variant)
         rng = np.random.default_rng(0)
         cv2.imwrite(str(base / "input" / "example.png"), rng.integers(0, 256, (60, 90, 3), dtype=np.uint8))
         yield base
@@ -84,19 +85,22 @@ def test_a_bad_poke_reaches_the_ui_as_one_sentence(server, tmp_path):
         "Poke 1 ('30,30,42') has 3 numbers, not 4: write x0,y0,x1,y1 (start and end in pixels).")
 
 
-def test_poke_motion_workflow_generates_a_video_guided_by_the_target(server, tmp_path):
+@pytest.mark.parametrize("name, model", [("fpt_poke_motion", "tiny-5b"), ("fpt_poke_motion_i2v", "tiny-5b-i2v")])
+def test_poke_motion_workflow_generates_a_video_guided_by_the_target(server, tmp_path, name, model):
     """Load image → Embed → Pokes → Predict Flow → Motion Target → Guided Sampler (latent, no KV injection) →
-    Decode → SaveVideo, plus the flow and target pictures."""
+    Decode → SaveVideo, plus the flow and target pictures; in the I2V workflow the poked image is the start image."""
     import av
 
-    code, report = run(tmp_path, {}, "fpt_poke_motion")
+    log = server / "comfyui.log"
+    before = len(log.read_text())
+    code, report = run(tmp_path, {"DiTFlowLoadCogVideoX": {"model": model}}, name)
     assert code == 0, json.dumps(report, indent=1)[:4000]
-    print(f"fpt_poke_motion: execution_ms={report['timing'].get('execution_ms')}")
+    print(f"{name}: execution_ms={report['timing'].get('execution_ms')}")
     (video,) = [f for f in report["files"] if f["type"] == "output" and f["filename"].endswith(".mp4")]
     with av.open(str(server / "output" / video["subfolder"] / video["filename"])) as container:
         frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     assert len(frames) == 9 and frames[0].shape == (64, 96, 3)
     pngs = [f for f in report["files"] if f["type"] == "temp" and f["filename"].endswith(".png")]
     assert len(pngs) == 2  # the flow with its pokes, the target's arrows
-    losses = [float(x) for x in re.findall(r"AMF loss ([\d.]+)", (server / "comfyui.log").read_text())]
-    assert len(losses) >= 4 and losses[1] < losses[0] and losses[3] < losses[2]  # 2 guided steps × 2 iterations
+    losses = [float(x) for x in re.findall(r"AMF loss ([\d.]+)", log.read_text()[before:])]
+    assert len(losses) == 4 and losses[1] < losses[0] and losses[3] < losses[2]  # 2 guided steps × 2 iterations

@@ -144,3 +144,24 @@ def test_bad_flow_input_is_one_line_before_the_model_loads(files, tmp_path, caps
     with pytest.raises(SystemExit):  # argparse: one of them, not both
         main(base + ["--flow", str(still), "--video", str(files / "image.png")])
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_transfer_flow_on_an_image_to_video_model_starts_from_the_poked_image(files, tiny_path, tmp_path, capsys):
+    """tiny 5b-I2V: --image (the poked image, fitted as the flow) is the first frame; without it, one sentence."""
+    import json
+
+    from safetensors.torch import save_file
+
+    flow = torch.zeros(60, 90, 2)
+    flow[..., 0] = 20.0
+    save_file({"flow": flow}, str(tmp_path / "flow.safetensors"), metadata={"pokes": "30,30,50,30"})
+    base = ["transfer", "--model", str(tiny_path("5b-i2v")), "--flow", str(tmp_path / "flow.safetensors"),
+            "--prompt", "a red ball", *TINY_VIDEO]
+    assert main(base + ["--out", str(tmp_path / "no_image")]) == 2
+    assert "generates from a start image; give it with --image (the poked image" in capsys.readouterr().err
+    assert not (tmp_path / "no_image").exists()
+    out = tmp_path / "out"
+    assert main(base + ["--out", str(out), "--image", str(files / "image.png")]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["settings"]["image"] == str(files / "image.png") and run["settings"]["model_family"] == "5b-i2v"
+    assert all(step[-1] < step[0] for step in run["loss_per_step"]) and len(run["loss_per_step"]) == 2

@@ -18,15 +18,16 @@ W, H = 90, 60
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory):
-    """Stub ComfyUI whose models/fpt holds tiny.safetensors and models/CogVideo tiny-5b; NODE_CLASS_MAPPINGS as ``N``
-    (tests/test_nodes.py)."""
+    """Stub ComfyUI whose models/fpt holds tiny.safetensors and models/CogVideo tiny-5b and tiny-5b-i2v;
+    NODE_CLASS_MAPPINGS as ``N`` (tests/test_nodes.py)."""
     from ditflow.testing.tiny_fpt import build_tiny_fpt
 
     from ditflow.testing.tiny_model import build_tiny_model
 
     base = tmp_path_factory.mktemp("comfy")
     build_tiny_fpt(base / "models" / "fpt" / "tiny.safetensors")
-    build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")  # for the motion target → sampler chain
+    for variant in ("5b", "5b-i2v"):  # for the motion target → sampler chain
+        build_tiny_model(base / "models" / "CogVideo" / f"tiny-{variant}", variant)
     yield comfy_stubs.install(str(base))
     comfy_stubs.uninstall()
 
@@ -47,8 +48,13 @@ def fpt(N):
 
 
 @pytest.fixture(scope="module")
-def embedding(N, fpt):
-    image = torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(0))
+def image():
+    """The poked image (the embedding's), IMAGE [1, H, W, 3] in [0, 1]."""
+    return torch.rand(1, H, W, 3, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def embedding(N, fpt, image):
     return run(N["DiTFlowFPTEmbedImage"], fpt=fpt, image=image, fit="pad")[0]
 
 
@@ -121,27 +127,34 @@ def test_cancel_stops_the_prediction(N, fpt, embedding, comfy):
     assert mm.INTERRUPT is False
 
 
-def test_pokes_steer_the_guided_sampler_through_a_motion_target(N, fpt, embedding, comfy, capsys):
-    """Pokes → Predict Flow (90×60 px) → Motion Target (9 frames at 96×64 px, block 1) → Guided Sampler on tiny-5b,
-    run as ComfyUI runs nodes (inference mode): the target is the sampler's amf type, fixes its size (widgets 0) and
-    carries no latents, so KV injection (on) is skipped; the AMF loss falls in each guided step."""
+@pytest.mark.parametrize("variant", ["5b", "5b-i2v"])
+def test_pokes_steer_the_guided_sampler_through_a_motion_target(N, fpt, embedding, image, comfy, capsys, variant):
+    """Pokes → Predict Flow (90×60 px) → Motion Target (9 frames at 96×64 px, block 1, the model connected) →
+    Guided Sampler, run as ComfyUI runs nodes (inference mode); on the I2V model the poked image is the start
+    image. The target is the sampler's amf type, fixes its size (widgets 0) and carries no latents, so KV injection
+    (on) is skipped; the AMF loss falls in each guided step."""
     pokes = run(N["DiTFlowPokes"], pokes="30,30,60,25\n60,40,60,50")[0]
     flow = run(N["DiTFlowFPTPredictFlow"], fpt=fpt, embedding=embedding, pokes=pokes, mode="mean", grid=8,
                ar_grid=2, seed=0, camera_static=True)[0]
     target_node = N["DiTFlowPokeMotionTarget"]
     assert target_node.RETURN_TYPES == N["DiTFlowExtractAMF"].RETURN_TYPES
     assert N["DiTFlowGuidedSampler"].INPUT_TYPES()["optional"]["amf"][0] == "DITFLOW_AMF"
-    (target,) = run(target_node, flow=flow, width=96, height=64, num_frames=9, fit="crop", block=1, scale=2.0,
-                    min_motion=0.0, temperature=2.0)
+    model = run(N["DiTFlowLoadCogVideoX"], model=f"tiny-{variant}", precision="fp32")[0]
+    args = dict(flow=flow, width=96, height=64, num_frames=9, fit="crop", block=1, scale=2.0, min_motion=0.0,
+                temperature=2.0)
+    (target,) = run(target_node, **args, model=model)
     assert target.grid == (3, 4, 6) and target.latents is None and list(target.amf) == [1]
     assert not target.amf[1].is_inference() and target.amf[1].shape == (9, 24, 2)
+    assert torch.equal(run(target_node, **args)[0].amf[1], target.amf[1])  # the same grid without the model (1.0)
+    with pytest.raises(DiTFlowError, match="guidance block 20 is out of range"):
+        run(target_node, **{**args, "block": 20}, model=model)
 
-    model = run(N["DiTFlowLoadCogVideoX"], model="tiny-5b", precision="fp32")[0]
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a red ball", negative_prompt="")[0]
     capsys.readouterr()
     latent, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", steps=4, cfg=6.0,
                          seed=0, guidance_fraction=0.5, opt_steps=3, lr_start=0.2, lr_end=0.1, kv_injection=True,
-                         kv_block=0, num_frames=0, width=0, height=0, amf=target)
+                         kv_block=0, num_frames=0, width=0, height=0, amf=target,
+                         start_image=image if variant == "5b-i2v" else None)
     assert latent["samples"].shape == (1, 16, 3, 8, 12) and embeds is None
     losses = [float(x) for x in re.findall(r"AMF loss ([\d.]+)", capsys.readouterr().out)]
     assert len(losses) == 6 and losses[2] < losses[0] and losses[5] < losses[3]

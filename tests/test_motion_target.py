@@ -184,3 +184,26 @@ def test_no_reference_latents_means_no_kv_injection(tiny_models):
     on = sample(model, text, GuidanceConfig(kv_injection_blocks=(0,), **common), reference=target, seed=3)
     off = sample(model, text, GuidanceConfig(kv_injection_blocks=(), **common), reference=target, seed=3)
     assert torch.equal(on.latents, off.latents) and on.losses == off.losses
+
+
+@pytest.mark.parametrize("variant, token_frames", [("5b-i2v", 3), ("1.5-i2v", 2)])
+def test_image_to_video_follows_a_target_on_the_models_token_grid(tiny_path, variant, token_frames):
+    """I2V (the poked image as the start frame): 9 frames at 64×96 px; on 1.5 a token frame spans 2 latent frames,
+    so the target built for the model has 2 token frames; without the model the 1.0 grid is refused in one sentence."""
+    from ditflow.backbones.cogvideox.loading import load_cogvideox
+
+    model = load_cogvideox(tiny_path(variant), dtype="fp32")
+    target = poke_reference(uniform(64, 96, 32.0, -16.0), num_frames=9, height=64, width=96, blocks=[1], model=model)
+    assert target.grid == (token_frames, 4, 6) and target.amf[1].shape == (token_frames**2, 24, 2)
+    with pytest.raises(DiTFlowError, match="guidance block 4 is out of range"):
+        poke_reference(uniform(64, 96, 32.0, 0.0), num_frames=9, height=64, width=96, blocks=[4], model=model)
+    image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    cfg = GuidanceConfig(mode="latent", num_inference_steps=4, guidance_fraction=0.5, opt_steps=3, lr_start=0.2,
+                         lr_end=0.1)
+    text = encode_prompt(model, "a dog")
+    result = sample(model, text, cfg, reference=target, size=(9, 64, 96), seed=3, image=image)
+    assert len(result.losses) == 2 and all(step[-1] < step[0] for step in result.losses)
+    if token_frames == 2:
+        plain = poke_reference(uniform(64, 96, 32.0, 0.0), num_frames=9, height=64, width=96, blocks=[1])
+        with pytest.raises(DiTFlowError, match="token grid F×h×w = 3×4×6"):
+            sample(model, text, cfg, reference=plain, size=(9, 64, 96), seed=3, image=image)

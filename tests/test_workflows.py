@@ -40,10 +40,10 @@ def widget_count(cls) -> int:
     return n
 
 
-def test_there_are_six_workflows():
+def test_there_are_seven_workflows():
     assert [p.name for p in WORKFLOWS] == [
         "ditflow_i2v_latent.json", "ditflow_rope_inject.json", "ditflow_rope_optimize_and_save.json",
-        "ditflow_t2v_latent.json", "fpt_poke_flow.json", "fpt_poke_motion.json"]
+        "ditflow_t2v_latent.json", "fpt_poke_flow.json", "fpt_poke_motion.json", "fpt_poke_motion_i2v.json"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
