@@ -23,6 +23,7 @@ step, the cause and the fix (the authors' script writes a black video). Defaults
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -177,6 +178,10 @@ class _GuidedRun:
         device, dtype = self.device, self.dtype = transformer.device, transformer.dtype
         # KV injection needs reference latents; a target made from a flow field has none (ditflow.motion_target)
         self.inject = bool(config.kv_injection_blocks) and reference is not None and reference.latents is not None
+        if config.kv_injection_blocks and reference is not None and not self.inject:
+            logging.getLogger("ditflow").warning(
+                "KV injection is skipped: this motion target was made without a reference video, so there are no "
+                "reference keys and values to inject; turn KV injection off to silence this.")
         self.param = param_for(config.mode) if optimise else None
         self.objective = objective_for(config.loss)
 

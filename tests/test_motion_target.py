@@ -176,14 +176,19 @@ def test_the_sampler_steers_the_amf_toward_a_poked_motion(tiny_models, monkeypat
     assert forward[0].sign() == np.sign(dx) and (dy == 0 or forward[1].sign() == np.sign(dy))
 
 
-def test_no_reference_latents_means_no_kv_injection(tiny_models):
+def test_no_reference_latents_means_no_kv_injection(tiny_models, caplog):
     model = tiny_models["5b"]
     target = poke_reference(uniform(64, 96, 32.0, 0.0), num_frames=9, height=64, width=96, blocks=[1])
     text = encode_prompt(model, "a dog")
     common = dict(mode="latent", num_inference_steps=2, guidance_fraction=0.5, opt_steps=1, lr_start=0.05, lr_end=0.05)
     on = sample(model, text, GuidanceConfig(kv_injection_blocks=(0,), **common), reference=target, seed=3)
+    assert [r.message for r in caplog.records if r.name == "ditflow"] == [
+        "KV injection is skipped: this motion target was made without a reference video, so there are no reference "
+        "keys and values to inject; turn KV injection off to silence this."]
+    caplog.clear()
     off = sample(model, text, GuidanceConfig(kv_injection_blocks=(), **common), reference=target, seed=3)
     assert torch.equal(on.latents, off.latents) and on.losses == off.losses
+    assert not [r for r in caplog.records if r.name == "ditflow"]
 
 
 @pytest.mark.parametrize("variant, token_frames", [("5b-i2v", 3), ("1.5-i2v", 2)])
