@@ -70,6 +70,9 @@ _TRANSFORMER_COMMON = dict(
 TRANSFORMER = {
     "2b": dict(_TRANSFORMER_COMMON, num_attention_heads=30, num_layers=30, use_rotary_positional_embeddings=False),
     "5b": dict(_TRANSFORMER_COMMON, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True),
+    # CogVideoX1.5-5B (diffusers' conversion script): temporal patch 2, no patch bias, a 300×300 slice-RoPE grid.
+    "1.5": dict(_TRANSFORMER_COMMON, num_attention_heads=48, num_layers=42, use_rotary_positional_embeddings=True,
+                patch_size_t=2, patch_bias=False, sample_height=300, sample_width=300, sample_frames=81),
     # Not a released model: the 5b structure with 8 heads (inner 512), for CPU measurements.
     "small": dict(_TRANSFORMER_COMMON, num_attention_heads=8, num_layers=42, use_rotary_positional_embeddings=True),
     # ditflow.testing.tiny_model's transformer (5b variant).
@@ -86,16 +89,17 @@ _VAE_REAL = dict(
 _VAE_TINY = dict(in_channels=3, out_channels=3, block_out_channels=(16, 16, 16, 16), latent_channels=16,
                  layers_per_block=1, norm_num_groups=4, temporal_compression_ratio=4, sample_height=64,
                  sample_width=96)
-SCALING = {"2b": 1.15258426, "5b": 0.7, "small": 0.7, "tiny": 0.7}
-FAMILY = {"2b": "2b", "5b": "5b", "small": "5b", "tiny": "5b"}
+SCALING = {"2b": 1.15258426, "5b": 0.7, "1.5": 0.7, "small": 0.7, "tiny": 0.7}
+FAMILY = {"2b": "2b", "5b": "5b", "1.5": "1.5", "small": "5b", "tiny": "5b"}
 SCHEDULER = dict(beta_end=0.012, beta_schedule="scaled_linear", beta_start=0.00085, clip_sample=False,
                  clip_sample_range=1.0, num_train_timesteps=1000, prediction_type="v_prediction",
                  rescale_betas_zero_snr=True, sample_max_value=1.0, set_alpha_to_one=True, steps_offset=0,
                  timestep_spacing="trailing", trained_betas=None)
-SNR_SHIFT = {"2b": 3.0, "5b": 1.0}
+SNR_SHIFT = {"2b": 3.0, "5b": 1.0, "1.5": 1.0}  # 1.5: assumed as 5b (its scheduler config was not read)
 
 #: (frames, height, width, steps) per size when not overridden; 2b/5b are the models' native 49 × 480×720.
-DEFAULT_RUN = {"tiny": (9, 64, 96, 50), "small": (9, 96, 160, 10), "2b": (49, 480, 720, 50), "5b": (49, 480, 720, 50)}
+DEFAULT_RUN = {"tiny": (9, 64, 96, 50), "small": (9, 96, 160, 10), "2b": (49, 480, 720, 50), "5b": (49, 480, 720, 50),
+               "1.5": (81, 768, 1360, 50)}
 
 
 class _RandomText(torch.nn.Module):
@@ -333,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=int, help="pixels, multiple of 16")
     parser.add_argument("--steps", type=int, help="denoising steps")
     parser.add_argument("--mode", default="latent", choices=["latent", "rope", "posemb"])
-    parser.add_argument("--block", type=int, help="guidance block (default: the family's, 20 on 5b, 15 on 2b; "
+    parser.add_argument("--block", type=int, help="guidance block (default: the model's, 15 on 2b, 20 on the others; "
                                                   "scaled to the block count for tiny)")
     parser.add_argument("--kv-block", type=int, default=0, help="KV-injection block; -1 turns injection off")
     parser.add_argument("--opt-steps", type=int, default=GuidanceConfig.opt_steps)
@@ -354,14 +358,17 @@ def main(argv: list[str] | None = None) -> None:
     frames, height, width, steps = DEFAULT_RUN[args.size]
     frames, height, width = args.frames or frames, args.height or height, args.width or width
     steps = args.steps or steps
-    vae = args.vae or ("real" if args.size in ("2b", "5b") else "tiny")
+    vae = args.vae or ("real" if args.size in ("2b", "5b", "1.5") else "tiny")
     family = FAMILY[args.size]
     num_blocks = TRANSFORMER[args.size]["num_layers"]
-    block = args.block if args.block is not None else (2 if args.size == "tiny" else {"2b": 15, "5b": 20}[family])
+    from ditflow.backbones.cogvideox.variants import VARIANTS
+
+    block = args.block if args.block is not None else (2 if args.size == "tiny" else
+                                                       VARIANTS[family].defaults.guidance_block)
     kv_blocks = () if args.kv_block < 0 else (args.kv_block,)
     mode = args.mode
-    if mode == "rope" and family != "5b" or mode == "posemb" and family != "2b":
-        parser.error(f"mode {mode} does not fit the {family} family")
+    if mode == "rope" and family == "2b" or mode == "posemb" and family != "2b":
+        parser.error(f"mode {mode} does not fit the {family} model's positions")
 
     free = free_bytes(device)  # before the model occupies it, as the CLI reads it
     t0 = time.perf_counter()
@@ -397,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                 runs[name] = r
 
     resolved = base.resolved(model)
-    video_tokens = ((frames - 1) // 4 + 1) * (height // 16) * (width // 16)
+    video_tokens = model.geometry(frames, height, width).num_tokens  # token frames: 2 latent frames each on 1.5
     beta = backward_factor(model, video_tokens, device)
 
     # Report

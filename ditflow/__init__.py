@@ -1,6 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
 """DiTFlow: training-free video motion transfer on CogVideoX (Pondaven et al., CVPR 2025, arXiv 2412.07776).
 
+The method reaches a model only through a backbone (:mod:`ditflow.backbones`; CogVideoX 2b, 5b, 5b-I2V, 1.5, 1.5-I2V).
+
 A plain library on torch + diffusers; it imports nothing from ComfyUI. The ComfyUI nodes in ``nodes/`` and the
 command line (``python -m ditflow``) are thin callers of it.
 
@@ -16,6 +18,9 @@ Conventions (stated once here, reminded at each use)
   nodes only.
 - Video frames are ``[F, 3, H, W]`` in [-1, 1] in the library (what the VAE takes); ComfyUI IMAGE is
   ``[T, H, W, 3]`` in [0, 1]. Frame counts are 4k+1 (latent frames = (frames − 1)/4 + 1).
+- The AMF's frames are **token frames**: one per latent frame on CogVideoX 1.0, one per two latent frames on 1.5
+  (its latent frames padded in front to an even count). Sizes go through the backbone
+  (:meth:`ditflow.backbones.base.Backbone.geometry`), which names the model-specific rules once.
 - Defaults of the method live once, in :class:`ditflow.config.GuidanceConfig`.
 - User-facing failures raise :class:`ditflow.errors.DiTFlowError` with one readable sentence.
 - The Flow Poke Transformer (:mod:`ditflow.fpt`) works on one image, in its own units (positions in [0, 1]² of a

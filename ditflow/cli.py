@@ -145,7 +145,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
     g.add_argument("--dynamic-cfg", choices=["on", "off"], default=None,
                    help="cosine-ramped CFG (default: on for 5B, off for 2B, as diffusers)")
     g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the reference's "
-                   "fps divided by the stride; 8 for inject and --flow)")
+                   "fps divided by the stride; for inject and --flow the model's: 8, or 16 on CogVideoX 1.5)")
     g.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
                    "run succeeds, and a failed or interrupted run leaves it as it was")
     g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a whole, "

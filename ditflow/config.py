@@ -31,8 +31,10 @@ class Mode(_Choice):
     """What the guidance optimises (§4.3).
 
     ``latent``: the noisy latent z_t itself (DiTFlow-z_t, best motion fidelity).
-    ``rope``: trainable RoPE cos/sin tables, separate for Q and K (DiTFlow-ρ_t on CogVideoX-5b).
-    ``posemb``: trainable video slice of the additive sin-cos table (DiTFlow-ρ_t on CogVideoX-2b).
+    ``rope``: trainable RoPE cos/sin tables, separate for Q and K (DiTFlow-ρ_t on RoPE models: CogVideoX-5b, the I2V
+    and 1.5 models).
+    ``posemb``: trainable video slice of the additive sin-cos table (DiTFlow-ρ_t on sin-cos models: CogVideoX-2b).
+    Which mode a model takes is its positions' capability (:mod:`ditflow.params`).
     ``none``: no optimisation: the backbone, or the "Injection" baseline when KV injection is on.
     """
 

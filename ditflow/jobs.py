@@ -35,7 +35,7 @@ from .outputs import OutputSet
 from .reference import ReferenceMotion, extract_reference, reference_without_amf
 from .sampler import Callback, SampleResult, sample, sampling_geometry
 from .text import encode_prompt
-from .video import FOLDER_FPS, check_fps, load_start_image, load_video, prepare_reference, selectable_frames, write_video
+from .video import check_fps, load_start_image, load_video, prepare_reference, selectable_frames, write_video
 
 
 @dataclass(frozen=True)
@@ -390,7 +390,7 @@ def transfer_flow(
 
     if config.mode is Mode.NONE or Loss.parse(config.loss) is not Loss.AMF:
         raise DiTFlowError("a flow gives an AMF motion target: use --loss amf with --mode latent, rope or posemb.")
-    fps = FOLDER_FPS if check_fps(fps) is None else fps
+    check_fps(fps)  # None: the model's own rate (8 on CogVideoX 1.0, 16 on 1.5), known once it is loaded
     size = (NATIVE_FRAMES if target.num_frames == AUTO else target.num_frames, target.height, target.width)
     out = OutputSet(out_dir, overwrite=overwrite, inputs=(flow_path, model.path) + (() if image is None else (image,)))
     with out as folder:
@@ -406,6 +406,7 @@ def transfer_flow(
         tic = time.perf_counter()
         cog, plan = load_for_run(model, size, config, log=log)
         timings["load_model"] = time.perf_counter() - tic
+        fps = cog.defaults.fps if fps is None else fps
         if cog.needs_image and image is None:
             raise DiTFlowError(f"{cog.name} generates from a start image; give it with --image (the poked image, "
                                "whose motion the flow describes).")
@@ -478,12 +479,12 @@ def inject(
     Args:
         image: image-to-video models: the start frame's image file (default: the ``video``'s first frame; one of
             them is needed).
-        fps: frame rate of the written video (default :data:`~ditflow.video.FOLDER_FPS`, CogVideoX's 8).
+        fps: frame rate of the written video (default: the model's, 8 on CogVideoX 1.0 and 16 on 1.5).
         overwrite, log: as for :func:`transfer`.
     Raises:
         DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model; a reference of another size.
     """
-    fps = FOLDER_FPS if check_fps(fps) is None else fps
+    check_fps(fps)  # None: the model's own rate (8 on CogVideoX 1.0, 16 on 1.5), known once it is loaded
     inputs = (embeds_path, model.path) + (() if video is None else (video,)) + (() if image is None else (image,))
     out = OutputSet(out_dir, overwrite=overwrite, inputs=inputs)
     with out as folder:
@@ -503,6 +504,7 @@ def inject(
         tic = time.perf_counter()
         cog, plan = load_for_run(model, None, config, grid=tuple(embeds.grid), log=log)
         timings["load_model"] = time.perf_counter() - tic
+        fps = cog.defaults.fps if fps is None else fps
         config = config.resolved(cog)
         motion = None
         if inject_kv:

@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Prompt encoding with CogVideoX's T5 encoder, as diffusers' ``CogVideoXPipeline._get_t5_prompt_embeds`` does.
-
-Prompts are encoded once per run; the T5 (4.76 B parameters for the real models) can then be offloaded.
+"""Prompt and negative prompt encoded once per run by the backbone's text encoder (``model.encode_text``: CogVideoX's
+T5, as diffusers' ``CogVideoXPipeline._get_t5_prompt_embeds`` does), which can then be offloaded; truncation is said,
+not silent.
 """
 
 from __future__ import annotations
@@ -52,19 +52,6 @@ def _used_text(model, prompt: str, what: str) -> str:
     return used
 
 
-def _t5(model, prompt: str) -> Tensor:
-    ids = model.tokenizer(
-        [prompt],
-        padding="max_length",
-        max_length=model.text_tokens,
-        truncation=True,
-        add_special_tokens=True,
-        return_tensors="pt",
-    ).input_ids
-    device = next(model.text_encoder.parameters()).device
-    return model.text_encoder(ids.to(device))[0]
-
-
 @torch.no_grad()
 def encode_prompt(model, prompt: str, negative_prompt: str = "") -> PromptEmbeds:
     """Encodes ``prompt`` and ``negative_prompt`` (padded to ``text_tokens`` tokens, truncated beyond).
@@ -78,7 +65,7 @@ def encode_prompt(model, prompt: str, negative_prompt: str = "") -> PromptEmbeds
     """
     negative_prompt = negative_prompt or ""
     embeds = PromptEmbeds(
-        _t5(model, prompt), _t5(model, negative_prompt), prompt, negative_prompt,
+        model.encode_text(prompt), model.encode_text(negative_prompt), prompt, negative_prompt,
         _used_text(model, prompt, "prompt"), _used_text(model, negative_prompt, "negative prompt"),
     )
     for which, values in (("prompt", embeds.cond), ("negative prompt", embeds.uncond)):

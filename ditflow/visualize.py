@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .errors import DiTFlowError
-from .layout import PIXELS_PER_PATCH, TEMPORAL_COMPRESSION
+from .layout import PIXELS_PER_PATCH
 
 
 def pair_displacement(amf: Tensor, grid: tuple[int, int, int], query_frame: int, key_frame: int) -> Tensor:
@@ -127,7 +127,9 @@ def render_amf(
     if frames is None:
         background = np.full((size[1], size[0], 3), 0.5, np.float32)
     else:
-        index = min(query_frame * TEMPORAL_COMPRESSION, frames.shape[0] - 1)
+        # Video frames per token frame, from the two counts (4 on CogVideoX 1.0, 8 on 1.5's two-latent-frame tokens)
+        per_token = (frames.shape[0] - 1) // max(1, motion.grid[0] - 1)
+        index = min(query_frame * per_token, frames.shape[0] - 1)
         picture = frames[index].float().cpu().numpy()
         background = cv2.resize(picture, size, interpolation=cv2.INTER_AREA)
         background = background * 0.7 + 0.15  # dimmed so the arrows stand out

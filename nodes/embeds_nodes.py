@@ -37,7 +37,7 @@ class DiTFlowSaveEmbeds:
 
         if embeds is None:
             raise DiTFlowError("there are no embeddings to save: the sampler optimises and returns them only in "
-                               "mode rope (CogVideoX-5b) or posemb (CogVideoX-2b) with an AMF connected.")
+                               "mode rope (RoPE models: 5b, I2V, 1.5) or posemb (CogVideoX-2b) with an AMF connected.")
         filename_prefix = filename_prefix.strip() or DEFAULT_PREFIX  # empty: the default, not a hidden "._00001_"
         if os.path.basename(os.path.normpath(filename_prefix)).startswith("."):
             raise DiTFlowError(f"filename prefix {filename_prefix!r} would write a hidden file that DiTFlow Load "
@@ -62,7 +62,7 @@ class DiTFlowLoadEmbeds:
     FUNCTION = "load"
     RETURN_TYPES = ("DITFLOW_EMBEDS",)
     RETURN_NAMES = ("embeds",)
-    OUTPUT_TOOLTIPS = ("Positional embeddings per guided step, with the model family, latent grid and steps they "
+    OUTPUT_TOOLTIPS = ("Positional embeddings per guided step, with the model variant, token grid and steps they "
                        "were optimised for (the sampler refuses a mismatch).",)
     DESCRIPTION = "Loads positional embeddings saved by DiTFlow Save Embeds (models/ditflow_embeds or output/ditflow)."
 

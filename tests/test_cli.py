@@ -244,3 +244,29 @@ def test_image_to_video_starts_from_the_references_first_frame_or_the_given_imag
                           *common], out)
     assert err == "error: CogVideoX1.5-5B is text-to-video and takes no start image; drop --image or load an " \
                   "image-to-video model."
+
+
+def test_i2v_1_5_rope_transfer_replays_exactly_and_inject_needs_a_start_frame(tiny_path, real_clip_path, tmp_path,
+                                                                              monkeypatch, capsys):
+    """CogVideoX1.5-5B-I2V end to end: transfer in mode rope (start frame: the reference's first), then inject with
+    the reference video (KV injection, the same first frame, the seed from the file) is that run again; inject with
+    neither --video nor --image is one error line."""
+    import ditflow.jobs
+
+    results = []
+    write = ditflow.jobs.write_video
+    monkeypatch.setattr(ditflow.jobs, "write_video", lambda path, frames, fps: (
+        results.append(frames) if path.name == "result.mp4" else None, write(path, frames, fps))[1])
+    model = str(tiny_path("1.5-i2v"))
+    out = tmp_path / "out"
+    assert main(["transfer", "--model", model, "--video", str(real_clip_path), "--prompt", "a fox", "--out", str(out),
+                 "--mode", "rope", "--seed", "5", *TINY]) == 0
+    replay = ["inject", "--model", model, "--embeds", str(out / "embeds.safetensors"), "--prompt", "a fox",
+              "--dtype", "fp32", "--device", "cpu"]
+    assert main([*replay, "--video", str(real_clip_path), "--out", str(tmp_path / "kv")]) == 0
+    transfer, replayed = results
+    assert transfer.shape == (9, 3, 64, 96) and torch.equal(replayed, transfer)
+    capsys.readouterr()
+    err = _error(capsys, [*replay, "--out", str(tmp_path / "none")], tmp_path / "none")
+    assert err == ("error: CogVideoX1.5-5B-I2V generates from a start image; give one with --image (or the reference "
+                   "video with --video, whose first frame is then used).")
