@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from .backbones.cogvideox.variants import VARIANTS
+from .backbones import VARIANT_INFO
 from .config import GuidanceConfig, Loss, Mode, ReferenceOptions
 from .errors import DiTFlowError
 from .memory import CHECKPOINTING, OFFLOAD
@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "spatial-mean differences of the block output (the paper's baselines, ported to the DiT)")
     g.add_argument("--guidance-blocks", type=_ints, default=(),
                    help=f"block(s) whose attention gives the AMF (or whose output gives the MOFT/SMM features), e.g. 20 or 10,15,20 (default "
-                   f"the model's: {', '.join(f'{v.defaults.guidance_block} on {k}' for k, v in VARIANTS.items())})")
+                   f"the model's: {', '.join(f'{d.guidance_block} on {k}' for k, (_, _, d) in VARIANT_INFO.items())})")
     g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
                    help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
     g.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,

@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from .backbones import VARIANT_INFO
 from .errors import DiTFlowError
 
 #: A hub id is ``owner/name``; anything else that is not an existing folder is a missing local path.
@@ -27,9 +28,8 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 #: loader's default), and the size of the full download (configs + safetensors + tokenizer; the T5 text encoder alone
 #: is ≈ 9.5 GB of it). The I2V and 1.5 models have 5b's networks (42 blocks, 48 × 64), so their size is 5b's,
 #: estimated from their configs (their downloads were not measured here).
-KNOWN_MODELS = {"CogVideoX-5b": "THUDM/CogVideoX-5b", "CogVideoX-2b": "THUDM/CogVideoX-2b",
-                "CogVideoX-5b-I2V": "THUDM/CogVideoX-5b-I2V", "CogVideoX1.5-5B": "THUDM/CogVideoX1.5-5B",
-                "CogVideoX1.5-5B-I2V": "THUDM/CogVideoX1.5-5B-I2V"}
+KNOWN_MODELS = {hub_id.split("/")[1]: hub_id for _, hub_id, _ in sorted(VARIANT_INFO.values(),
+                                                                       key=lambda info: info[1] != "THUDM/CogVideoX-5b")}
 _SIZES = {"THUDM/CogVideoX-5b": "≈ 21 GB", "THUDM/CogVideoX-2b": "≈ 13 GB", "THUDM/CogVideoX-5b-I2V": "≈ 21 GB",
           "THUDM/CogVideoX1.5-5B": "≈ 21 GB", "THUDM/CogVideoX1.5-5B-I2V": "≈ 21 GB"}
 

@@ -47,6 +47,10 @@ BACKBONES: tuple[BackboneEntry, ...] = (
 #: Every variant key a saved file may name (embeddings files record the one they were optimised on).
 VARIANT_KEYS: tuple[str, ...] = tuple(key for entry in BACKBONES for key in entry.variants)
 
+#: Variant key → (display name, Hugging Face hub id, :class:`~ditflow.backbones.base.Defaults`), for help texts and
+#: downloads before any model is loaded.
+VARIANT_INFO: dict[str, tuple] = {k: (v.name, v.hub_id, v.defaults) for k, v in _COGVIDEOX_VARIANTS.items()}
+
 
 def size_of_grid(variant: str, grid: tuple[int, int, int]) -> tuple[int, int, int]:
     """The video size ``(frames, height, width)`` in px of a token ``grid`` on the model ``variant`` (a key of
