@@ -93,3 +93,27 @@ def test_guidance_with_moved_weights_under_inference_mode_equals_the_normal_run(
     assert all(step[-1] < step[0] for step in result.losses)
     assert result.losses == expected.losses
     assert torch.equal(result.latents, expected.latents)
+
+
+@pytest.mark.parametrize("variant,mode", [("5b-i2v", "latent"), ("1.5-i2v", "rope")])
+def test_image_to_video_guidance_with_moved_transformer_and_vae_equals_the_normal_run(tiny_path, variant, mode):
+    """I2V as a node runs it on a GPU: transformer and VAE moved under inference mode, the start image an inference
+    tensor (ComfyUI's IMAGE), the start latents encoded inside the run; the result is the normal run's."""
+    latents = torch.randn(1, 3, 16, 8, 12, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        image = torch.rand(3, 64, 96, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    config = GuidanceConfig(mode=mode, **FAST)
+
+    def extract_then_sample(model):
+        with torch.inference_mode():
+            reference = extract_reference(model, latents, [1])
+            return sample(model, encode_prompt(model, "a dog"), config, reference=reference, seed=3, image=image)
+
+    expected = extract_then_sample(load_cogvideox(tiny_path(variant), dtype="fp32"))
+    model = load_cogvideox(tiny_path(variant), dtype="fp32")
+    moved_under_inference_mode(model.transformer)
+    moved_under_inference_mode(model.vae)
+    result = extract_then_sample(model)
+    assert inference_tensor_count(model.transformer) == 0  # repaired by the sampler; the VAE needs no gradient
+    assert all(step[-1] < step[0] for step in result.losses)
+    assert result.losses == expected.losses and torch.equal(result.latents, expected.latents)
