@@ -47,7 +47,8 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, request):
-    """A ComfyUI server with this pack, tiny-5b and tiny-5b-i2v in models/CogVideo and the reference clip uploaded."""
+    """A ComfyUI server with this pack, tiny-5b, -5b-i2v and -1.5-i2v in models/CogVideo and the reference clip
+    uploaded."""
     from ditflow.testing.tiny_model import build_tiny_model
 
     try:
@@ -56,7 +57,8 @@ def server(tmp_path_factory, request):
         clip = request.getfixturevalue("real_clip_path")
     with comfy_server() as base:
         build_tiny_model(base / "models" / "CogVideo" / "tiny-5b", "5b")
-        build_tiny_model(base / "models" / "CogVideo" / "tiny-5b-i2v", "5b-i2v")
+        for variant in ("5b-i2v", "1.5-i2v"):
+            build_tiny_model(base / "models" / "CogVideo" / f"tiny-{variant}", variant)
         shutil.copy(clip, base / "input" / "reference.mp4")
         yield {"base": base, "log": base / "comfyui.log"}
 
@@ -135,9 +137,10 @@ def test_latent_workflow_writes_a_9_frame_video(server, tmp_path):
     assert any(f["type"] == "temp" and f["filename"].endswith(".png") for f in report["files"])  # AMF arrows
 
 
-def test_i2v_workflow_writes_a_9_frame_video_from_the_references_first_frame(server, tmp_path):
-    report = run_workflow("ditflow_i2v_latent", tmp_path, {"DiTFlowLoadCogVideoX": {"model": "tiny-5b-i2v"}})
-    print(f"ditflow_i2v_latent: execution_ms={report['timing'].get('execution_ms')}")
+@pytest.mark.parametrize("variant", ["5b-i2v", "1.5-i2v"])
+def test_i2v_workflow_writes_a_9_frame_video_from_the_references_first_frame(server, tmp_path, variant):
+    report = run_workflow("ditflow_i2v_latent", tmp_path, {"DiTFlowLoadCogVideoX": {"model": f"tiny-{variant}"}})
+    print(f"ditflow_i2v_latent on tiny-{variant}: execution_ms={report['timing'].get('execution_ms')}")
     videos = saved_videos(report, server["base"])
     assert len(videos) == 1 and video_frames(videos[0]) == 9
 
