@@ -192,6 +192,10 @@ class Backbone(Protocol):
     def text_tokens(self) -> int: ...
 
     @property
+    def patch_size(self) -> int:
+        """Latent pixels per patch side (the memory estimates of :mod:`ditflow.memory` read it)."""
+
+    @property
     def vae_scaling_factor(self) -> float: ...
 
     # -- memory placement --------------------------------------------------------------------------------------

@@ -20,12 +20,9 @@ import torch
 from torch import Tensor
 
 from ...errors import DiTFlowError
-from ...layout import check_frame_count, check_size, latent_frames, video_frames
+from ...layout import SPATIAL_COMPRESSION, check_frame_count, check_size, latent_frames, video_frames
 from ..base import Geometry
 from .positions import rope_max_grid
-
-#: The VAE's spatial compression (2 ** (len(block_out_channels) − 1) = 8 on every CogVideoX).
-SPATIAL_COMPRESSION = 8
 
 
 def geometry(config: dict, frames: int, height: int, width: int, *, name: str) -> Geometry:
