@@ -17,7 +17,8 @@ Conventions (stated once here, reminded at each use)
   :func:`ditflow.layout.to_comfy_latent` / :func:`ditflow.layout.from_comfy_latent` convert, called by the
   nodes only.
 - Video frames are ``[F, 3, H, W]`` in [-1, 1] in the library (what the VAE takes); ComfyUI IMAGE is
-  ``[T, H, W, 3]`` in [0, 1]. Frame counts are 4k+1 (latent frames = (frames − 1)/4 + 1).
+  ``[T, H, W, 3]`` in [0, 1]. Frame counts are 4k+1 (latent frames = (frames − 1)/4 + 1); multiples of 8 (the authors' 24)
+  also encode, to ⌊(frames − 1)/4⌋ + 1.
 - The AMF's frames are **token frames**: one per latent frame on CogVideoX 1.0, one per two latent frames on 1.5
   (its latent frames padded in front to an even count). Sizes go through the backbone
   (:meth:`ditflow.backbones.base.Backbone.geometry`), which names the model-specific rules once.

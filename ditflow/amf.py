@@ -250,27 +250,35 @@ def attention_motion_flow(
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def amf_loss(reference: Float[Tensor, "pairs s 2"], generated: Float[Tensor, "pairs s 2"]) -> Float[Tensor, ""]:
-    """Masked AMF loss (Eq. 8): mean over moving entries of the squared endpoint error.
+def amf_loss(
+    reference: Float[Tensor, "pairs s 2"], generated: Float[Tensor, "pairs s 2"], *, masked: bool = True
+) -> Float[Tensor, ""]:
+    """AMF loss (Eq. 8): mean over the reference's moving entries (or all entries) of the squared endpoint error.
 
     An entry is a (pair, patch); it is *moving* when its reference vector (dx, dy) is not (0, 0). The loss is
     ``Σ_moving ((gx − rx)² + (gy − ry)²) / #moving``: summed over the two components, averaged over the moving
-    entries (so twice the per-component mean). Computed in fp32; differentiable w.r.t. ``generated``.
+    entries (so twice the per-component mean the authors' ``F.mse_loss`` gives; Adam does not see the factor).
+    Computed in fp32; differentiable w.r.t. ``generated``.
 
     Args:
-        reference: hard AMF of the reference video (:func:`attention_motion_flow` with ``hard=True``).
+        reference: AMF of the reference video (:func:`attention_motion_flow`, hard by default).
         generated: soft AMF of the current latent at the same block, same grid.
+        masked: average over moving entries (paper, :attr:`GuidanceConfig.masked_loss`); ``False`` averages over
+            every entry (the authors' ``threshloss`` ablation).
     Returns:
         fp32 scalar.
     Raises:
         DiTFlowError: if the shapes differ or are not ``[pairs, s, 2]`` (the message gives both), or if the
-            reference has no moving entry.
+            reference has no moving entry (masked only).
     """
     if reference.shape != generated.shape or reference.ndim != 3 or reference.shape[-1] != 2:
         raise DiTFlowError(
             f"AMF shapes must be equal and [pairs, s, 2], got reference {list(reference.shape)} and generated "
             f"{list(generated.shape)}; extract both at the same block from clips of the same frames and size."
         )
+    err = (generated.float() - reference.float()).square().sum(dim=-1)  # [pairs, s]
+    if not masked:
+        return err.mean()
     moving = reference.detach().ne(0).any(dim=-1)  # [pairs, s]
     count = int(moving.sum())
     if count == 0:
@@ -278,5 +286,4 @@ def amf_loss(reference: Float[Tensor, "pairs s 2"], generated: Float[Tensor, "pa
             "the reference shows no motion at this block (every AMF displacement is zero), so the motion loss is "
             "undefined; try another guidance block, temperature or reference clip."
         )
-    err = (generated.float() - reference.float()).square().sum(dim=-1)  # [pairs, s]
     return torch.where(moving, err, torch.zeros_like(err)).sum() / count

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from .errors import DiTFlowError
 
 
-class _Choice(str, enum.Enum):
-    """A string option of the guidance: ``Mode.parse("latent")`` → ``Mode.LATENT``."""
+class Choice(str, enum.Enum):
+    """A string option: ``Mode.parse("latent")`` → ``Mode.LATENT``; the CLI, the jobs and the nodes all parse this way."""
 
     @classmethod
     def parse(cls, value):
@@ -27,7 +27,7 @@ class _Choice(str, enum.Enum):
             raise DiTFlowError(f"Unknown guidance {cls.__name__.lower()} {value!r}; choose one of {choices}.") from None
 
 
-class Mode(_Choice):
+class Mode(Choice):
     """What the guidance optimises (§4.3).
 
     ``latent``: the noisy latent z_t itself (DiTFlow-z_t, best motion fidelity).
@@ -44,7 +44,7 @@ class Mode(_Choice):
     NONE = "none"
 
 
-class Loss(_Choice):
+class Loss(Choice):
     """What the guidance loss compares at the guidance block(s) (§4.2 and the baselines of §5, method.md §4).
 
     ``amf``: Attention Motion Flow, Eq. 8 (DiTFlow). ``moft``: MOFT's motion channels of the block's output
@@ -60,6 +60,29 @@ class Loss(_Choice):
     def uses_features(self) -> bool:
         """Whether the loss reads block-output features (the block runs in full) rather than attention Q/K."""
         return self is not Loss.AMF
+
+
+class Optimizer(Choice):
+    """The optimiser of each guided step, fresh per step with PyTorch's defaults (Alg. 1; Table 3c ablation, 5B MF:
+    Adam 0.797, AdamW 0.803, SGD 0.623 — at the paper's lr plain SGD barely moves, like no guidance)."""
+
+    ADAM = "adam"
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+def parse_blocks(text) -> tuple[int, ...]:
+    """Block indices from the command line or a node widget: ``20``, ``"20"``, ``"10,15,20"``, ``"10 15 20"``;
+    ``""``/``"none"``/``"off"`` → ``()``. Raises :class:`DiTFlowError` naming what was given."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return (text,)
+    parts = str(text).replace(",", " ").split()
+    if not parts or (len(parts) == 1 and parts[0].lower() in ("none", "off")):
+        return ()
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise DiTFlowError(f"expected block numbers like 20 or 10,15,20, got {text!r}.") from None
 
 
 def check_blocks(blocks, num_blocks: int, what: str = "guidance block") -> tuple[int, ...]:
@@ -106,6 +129,11 @@ class GuidanceConfig:
         guidance_scale: classifier-free guidance weight w; ``None`` means the model's default (its :class:`~ditflow.backbones.base.Defaults`).
         dynamic_cfg: cosine-ramped CFG as diffusers does for the 5B models; ``None`` means the model's default.
         gradient_checkpointing: recompute block activations in the backward of optimisation passes.
+        optimizer: the optimiser of each guided step, see :class:`Optimizer` (paper: Adam).
+        soft_reference: the reference AMF by soft-argmax (Eq. 7) instead of argmax (§4.1, paper: argmax; the
+            authors' ``argmax_motion_flow`` ablation switch).
+        masked_loss: average Eq. 8 over the entries where the reference moves (paper and authors' ``threshloss``);
+            off averages over every entry, static ones and i = j pairs included.
 
     Raises:
         DiTFlowError: on construction, for an unknown mode or loss, or a number outside its range; NaN and ±Inf
@@ -125,10 +153,14 @@ class GuidanceConfig:
     guidance_scale: float | None = None
     dynamic_cfg: bool | None = None
     gradient_checkpointing: bool = True
+    optimizer: Optimizer = Optimizer.ADAM
+    soft_reference: bool = False
+    masked_loss: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", Mode.parse(self.mode))
         object.__setattr__(self, "loss", Loss.parse(self.loss))
+        object.__setattr__(self, "optimizer", Optimizer.parse(self.optimizer))
         object.__setattr__(self, "guidance_blocks", tuple(int(b) for b in self.guidance_blocks))
         object.__setattr__(self, "kv_injection_blocks", tuple(int(b) for b in self.kv_injection_blocks))
         if self.num_inference_steps < 1:
@@ -187,9 +219,10 @@ class ReferenceOptions:
     """Which frames of the reference video, at which size (video pixels; :func:`~ditflow.video.prepare_reference`).
 
     Attributes:
-        num_frames: frames used, 4k+1, or :data:`AUTO`: the largest 4k+1 the clip gives from ``start`` with
-            ``stride``, at most :data:`~ditflow.layout.NATIVE_FRAMES` (49, the native count of CogVideoX-2b and -5b;
-            ours — the paper runs 24 input frames).
+        num_frames: frames used, 4k+1 or a multiple of 8 (the authors' 24, see :data:`PRESETS`), or :data:`AUTO`:
+            the largest 4k+1 the clip gives from ``start`` with ``stride``, at most
+            :data:`~ditflow.layout.NATIVE_FRAMES` (49, the native count of CogVideoX-2b and -5b; ours — the paper
+            runs 24 input frames).
         height, width: size in px, multiples of 16 (CogVideoX's native 480×720).
         start, stride: first frame and step between used frames.
         resize: ``crop`` (cover and centre-crop, aspect kept), ``stretch`` (the authors' code) or ``pad``.
@@ -203,3 +236,84 @@ class ReferenceOptions:
     stride: int = 1
     resize: str = "crop"
     sample_seed: int | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Presets: named sets of overrides (data), applied by settings()
+# ---------------------------------------------------------------------------------------------------------------------
+
+#: The negative prompt of the authors' code (its command line default).
+AUTHORS_NEGATIVE_PROMPT = "bad quality, distortions, unrealistic, distorted image, watermark, signature"
+
+#: Preset name → overrides over the defaults. Keys are :class:`GuidanceConfig` or :class:`ReferenceOptions` fields,
+#: or the other :class:`Settings` fields (``negative_prompt``, ``clip_frames``). ``paper`` is the defaults themselves; ``authors`` is the protocol of the authors' code
+#: (ditflow/ditflow ``motion_guidance.py`` and ``configs/guidance_config.yaml``): CFG 7, their negative prompt,
+#: the first 24 frames stretched to 720×480 (6 latent frames) and a posterior sample of the reference (theirs draws
+#: it unseeded; here seed 0, so runs repeat). Their bugs are not part of it (method.md §6).
+PRESETS: dict[str, dict[str, object]] = {
+    "paper": {},
+    "authors": {
+        "guidance_scale": 7.0,
+        "negative_prompt": AUTHORS_NEGATIVE_PROMPT,
+        "num_frames": 24,
+        "height": 480,
+        "width": 720,
+        "resize": "stretch",
+        "sample_seed": 0,
+        "clip_frames": "range",
+    },
+}
+
+
+class ClipFrames(Choice):
+    """How ``bench-eval`` takes frames from a manifest's ``[start, end, step]`` range: the ``first`` 4k+1 of them
+    (ours: 24 → 21) or the whole ``range`` (the paper's 24; must be 4k+1 or a multiple of 8)."""
+
+    FIRST = "first"
+    RANGE = "range"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a run is told besides its inputs: guidance, reference frames, negative prompt, and how
+    ``bench-eval`` takes a clip's frames."""
+
+    guidance: GuidanceConfig = GuidanceConfig()
+    reference: ReferenceOptions = ReferenceOptions()
+    negative_prompt: str = ""
+    clip_frames: ClipFrames = ClipFrames.FIRST
+
+
+def settings(preset: str = "paper", **given) -> Settings:
+    """Defaults, then the ``preset``'s overrides (:data:`PRESETS`), then the options ``given`` explicitly.
+
+    The command line passes only the options a user typed, the nodes their widgets; both end here, so a preset
+    means the same everywhere.
+
+    Raises:
+        DiTFlowError: an unknown preset or option name, or a bad value (from the dataclasses' own checks).
+    """
+    if preset not in PRESETS:
+        raise DiTFlowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}.")
+    options = {**PRESETS[preset], **given}
+    guidance_fields = {f.name for f in dataclasses.fields(GuidanceConfig)}
+    reference_fields = {f.name for f in dataclasses.fields(ReferenceOptions)}
+    unknown = set(options) - guidance_fields - reference_fields - {"negative_prompt", "clip_frames"}
+    if unknown:
+        raise DiTFlowError(f"unknown option(s) {', '.join(sorted(unknown))}.")
+    return Settings(
+        guidance=GuidanceConfig(**{k: v for k, v in options.items() if k in guidance_fields}),
+        reference=ReferenceOptions(**{k: v for k, v in options.items() if k in reference_fields}),
+        negative_prompt=str(options.get("negative_prompt", "")),
+        clip_frames=ClipFrames.parse(options.get("clip_frames", ClipFrames.FIRST)),
+    )
+
+
+class MFVariant(Choice):
+    """Which Motion Fidelity formula (:func:`~ditflow.metrics.motion_fidelity_from_tracks`): ``official`` (the
+    SMM and DiTFlow evaluation code; comparable with the paper's Table 1, the default), ``symmetric`` (the SMM paper's
+    definition, both ways) or ``ours`` (generated → reference on resampled frames, no own-point subtraction)."""
+
+    OFFICIAL = "official"
+    SYMMETRIC = "symmetric"
+    OURS = "ours"

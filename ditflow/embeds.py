@@ -1,8 +1,11 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Optimised positional embeddings (DiTFlow-ρ_t, §4.3) and their file format: safetensors with metadata.
+"""Optimised embeddings (DiTFlow-ρ_t and the z_t trajectory, §4.3, Fig. 7) and their file format: safetensors with
+metadata.
 
-A run that optimises RoPE (5B) or the sin-cos table (2B) saves one table per guided timestep; a later run with a
-new prompt and no reference injects them zero-shot at the same steps (paper Fig. 7). Differs from the authors'
+A run that optimises RoPE (5B), the sin-cos table (2B) or the latent z_t saves the optimised tensor of every guided
+timestep; a later run with a new prompt injects them zero-shot at the same steps (paper Fig. 7: ρ keeps the new
+prompt's content, z_t leaks the old one's). Every file records the run's seed and how its reference frames were
+taken, so a replay with KV injection reads the same frames. Differs from the authors'
 script (method.md §6): no pickle (``torch.save`` of a dict keyed by tensor reprs); the metadata names the model
 variant and grid so a mismatch is refused with both values instead of producing noise. The metadata key
 ``model_family`` keeps its name from format 1 (when only 2b and 5b existed); its value is the model's variant key
@@ -31,11 +34,12 @@ FORMAT_VERSION = 2
 
 @dataclass
 class PositionEmbeds:
-    """Positional embeddings per guided step.
+    """The optimised tensor of every guided step: positional embeddings ρ, or the latent z_t.
 
     Attributes:
-        mode: ``Mode.ROPE`` (tables ``[2 (q, k), 2 (cos, sin), n, head_dim]``) or ``Mode.POSEMB``
-            (tables ``[n, inner_dim]``), float32.
+        mode: ``Mode.ROPE`` (tables ``[2 (q, k), 2 (cos, sin), n, head_dim]``), ``Mode.POSEMB`` (tables
+            ``[n, inner_dim]``) or ``Mode.LATENT`` (the run's scaled latents ``[1, F, C, H, W]`` after that step's
+            optimisation, padded as the model runs them), float32.
         variant: the variant key of the model they were optimised on (``2b``, ``5b``, ``5b-i2v``, ``1.5``, ...).
         grid: latent token grid (F, h, w); ``n = F·h·w``.
         head_dim: attention head dimension of that model.
@@ -66,8 +70,11 @@ class PositionEmbeds:
         for i, table in enumerate(self.tables):
             check_finite(table, f"the positional embeddings of guided step {i + 1}", fix)
 
-    def check_compatible(self, model, grid: tuple[int, int, int], num_inference_steps: int) -> None:
-        """Raises :class:`DiTFlowError` naming both values if these embeddings cannot drive ``model`` at ``grid``."""
+    def check_compatible(self, model, grid: tuple[int, int, int], num_inference_steps: int,
+                         latent_shape: tuple[int, ...] | None = None) -> None:
+        """Raises :class:`DiTFlowError` naming both values if these embeddings cannot drive ``model`` at ``grid``
+        (a z_t trajectory: also unless its latents have the run's ``latent_shape``, ``(F, C, H, W)`` as
+        :attr:`~ditflow.backbones.base.Geometry.latent_shape`)."""
         checks = (
             ("model", self.variant, model.variant),
             ("attention head dim", self.head_dim, model.head_dim),
@@ -76,6 +83,8 @@ class PositionEmbeds:
         )
         if self.mode is Mode.POSEMB and self.tables:
             checks += (("table width (heads × head dim)", self.tables[0].shape[-1], model.num_heads * model.head_dim),)
+        if self.mode is Mode.LATENT and self.tables and latent_shape is not None:
+            checks += (("latents of shape", list(self.tables[0].shape[1:]), list(latent_shape)),)
         for name, saved, wanted in checks:
             if saved != wanted:
                 raise DiTFlowError(
@@ -123,7 +132,8 @@ MAX_TEXT_CHARS = 65_536  # any metadata field (a T5 prompt uses at most 226 toke
 MAX_STEPS = 1000  # CogVideoX schedulers have 1000 training timesteps
 MAX_GRID = (1024, 1024, 1024)  # latent frames, patch rows, patch columns (49 frames at 480×720 is 13×30×45)
 _TABLE_DTYPES = {"F32", "F16", "BF16"}
-_REMAKE = "make it again with a transfer run in mode rope/posemb (or DiTFlow Save Embeds)"
+_REMAKE = "make it again with a transfer run (or DiTFlow Save Embeds)"
+_MODES = (Mode.ROPE, Mode.POSEMB, Mode.LATENT)
 
 
 def _ints(text: str, name: str, path: Path, count: int | None = None) -> tuple[int, ...]:
@@ -206,8 +216,13 @@ def _check_tables(path: Path, tensors: dict, mode: Mode, grid: tuple[int, int, i
     n = grid[0] * grid[1] * grid[2]
     first = tensors[names[0]].shape
     width = first[1] if len(first) == 2 and first[1] > 0 else "inner_dim"  # posemb: checked against the model later
-    want = (2, 2, n, head_dim) if mode is Mode.ROPE else (n, width)
-    layout = "[2 (q, k), 2 (cos, sin), tokens, head_dim]" if mode is Mode.ROPE else "[tokens, inner_dim]"
+    # latent: any [1, F, C, H, W] (the model's padded latent shape, checked against the run by check_compatible)
+    latent = (1, *first[1:]) if len(first) == 5 and min(first) > 0 else (1, "F", "C", "H", "W")
+    want, layout = {
+        Mode.ROPE: ((2, 2, n, head_dim), "[2 (q, k), 2 (cos, sin), tokens, head_dim]"),
+        Mode.POSEMB: ((n, width), "[tokens, inner_dim]"),
+        Mode.LATENT: (latent, "[1, F, C, H, W] latents"),
+    }[mode]
     for name in names:
         info = tensors[name]
         if info.dtype not in _TABLE_DTYPES:
@@ -239,12 +254,12 @@ def load_embeds(path: str | os.PathLike) -> PositionEmbeds:
 
     path = Path(path)
     if not path.is_file():
-        raise DiTFlowError(f"embeddings file {path} does not exist; give the .safetensors written by a rope/posemb run.")
+        raise DiTFlowError(f"embeddings file {path} does not exist; give the .safetensors written by a transfer run.")
     header = read_header(path, advice="give a DiTFlow embeddings file", max_header_bytes=MAX_HEADER_BYTES)
     meta = header.metadata
     _check_metadata(path, meta)
-    if meta["mode"] not in (Mode.ROPE.value, Mode.POSEMB.value):
-        raise DiTFlowError(f"{path} has mode {meta['mode'][:80]!r}; embeddings files hold mode rope or posemb.")
+    if meta["mode"] not in [m.value for m in _MODES]:
+        raise DiTFlowError(f"{path} has mode {meta['mode'][:80]!r}; embeddings files hold mode rope, posemb or latent.")
     mode = Mode(meta["mode"])
     if meta["model_family"] not in VARIANT_KEYS:
         raise DiTFlowError(f"{path} has model family {meta['model_family'][:80]!r}, not one of "

@@ -141,7 +141,7 @@ def reference_motion(cog, ref_latents, config: GuidanceConfig) -> ReferenceMotio
             empty = encode_prompt(cog, "").cond
         with cog.on_device("transformer"):
             return extract_reference(cog, ref_latents, config.guidance_blocks, temperature=config.temperature,
-                                     loss=config.loss, empty_prompt=empty)
+                                     loss=config.loss, empty_prompt=empty, soft=config.soft_reference)
     # backbone or injection only: no AMF pass (the authors' script runs one anyway)
     return reference_without_amf(cog, ref_latents) if config.kv_injection_blocks else None
 
@@ -288,6 +288,7 @@ def transfer(
     image: str | os.PathLike | None = None,
     callback: Callback | None = None,
     log: Callable[[str], None] | None = None,
+    preset: str = "paper",
 ) -> dict:
     """Motion transfer end to end; publishes ``result.mp4``, ``reference.mp4``, ``run.json`` and, for modes
     ``rope``/``posemb``, ``embeds.safetensors`` as ``out_dir`` (see the module docstring). Returns the run record
@@ -335,7 +336,7 @@ def transfer(
         settings = {
             "model": dataclasses.asdict(model), "model_family": cog.variant, "video": str(video), "prompt": prompt,
             "image": None if start is None else (str(image) if image is not None else "the reference's first frame"),
-            "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference),
+            "preset": preset, "negative_prompt": negative_prompt, "reference": dataclasses.asdict(reference),
             "num_frames": int(ref_frames.shape[0]), "seed": seed, "fps": out_fps,
             "frames_written": int(out_frames.shape[0]),
         }

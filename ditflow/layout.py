@@ -28,13 +28,14 @@ NATIVE_FRAMES = 49
 
 
 def latent_frames(num_frames: int) -> int:
-    """Latent frames for ``num_frames`` video frames: (frames − 1)/4 + 1; raises if frames is not 4k+1."""
+    """Latent frames for ``num_frames`` video frames: ⌊(frames − 1)/4⌋ + 1 (49 → 13, 24 → 6); raises unless
+    :func:`check_frame_count` accepts the count."""
     check_frame_count(num_frames)
     return (num_frames - 1) // TEMPORAL_COMPRESSION + 1
 
 
 def video_frames(num_latent_frames: int) -> int:
-    """Video frames decoded from ``num_latent_frames`` latent frames: 4·(f − 1) + 1."""
+    """The 4k+1 video frames that encode to ``num_latent_frames`` latent frames: 4·(f − 1) + 1 (13 → 49, 6 → 21)."""
     return (num_latent_frames - 1) * TEMPORAL_COMPRESSION + 1
 
 
@@ -57,18 +58,33 @@ def largest_frame_count(available: int, cap: int = NATIVE_FRAMES) -> int:
     return count
 
 
+def decoded_frames(num_latent_frames: int) -> int:
+    """Video frames the VAE decodes ``num_latent_frames`` latent frames to: 4·(f − 1) + 1 for odd f (13 → 49), but
+    4·f for even f (6 → 24, the paper's clip length): diffusers' CogVideoX VAE decodes latent frames in pairs, and
+    only a leading odd one stays a single frame."""
+    if num_latent_frames % 2:
+        return video_frames(num_latent_frames)
+    return num_latent_frames * TEMPORAL_COMPRESSION
+
+
+#: diffusers' CogVideoX VAE encodes frames in batches of this many (plus one leading frame for 4k+1 counts).
+VAE_FRAME_BATCH = 8
+
+
 def check_frame_count(num_frames: int) -> None:
-    """Raises :class:`DiTFlowError` unless ``num_frames`` is 4k+1 (CogVideoX's VAE needs it; 49 is native) and at
-    least :data:`MIN_FRAMES` (one latent frame has no motion to transfer)."""
+    """Raises :class:`DiTFlowError` unless the VAE takes ``num_frames`` whole — 4k+1 (CogVideoX's own lengths, 49 is
+    native) or a multiple of 8 (whole frame batches of the VAE encoder: the authors' 24 frames → 6 latent frames,
+    which decode to 24) — and it is at least :data:`MIN_FRAMES` (one latent frame has no motion to transfer)."""
     if num_frames < MIN_FRAMES:
         raise DiTFlowError(
             f"frame count {num_frames} is too few: motion needs at least {MIN_FRAMES} frames (2 latent frames); "
             f"use {MIN_FRAMES} or more, of the form 4k+1 (49 is native)."
         )
-    if (num_frames - 1) % TEMPORAL_COMPRESSION:
+    if (num_frames - 1) % TEMPORAL_COMPRESSION and num_frames % VAE_FRAME_BATCH:
         lo = max(MIN_FRAMES, num_frames - (num_frames - 1) % TEMPORAL_COMPRESSION)
         raise DiTFlowError(
-            f"frame count {num_frames} is not of the form 4k+1 that CogVideoX needs; use {lo} or {lo + 4} (49 is native)."
+            f"frame count {num_frames} is not of the form 4k+1 that CogVideoX needs; use {lo} or {lo + 4} (49 is "
+            f"native; multiples of {VAE_FRAME_BATCH}, such as the authors' 24, also work)."
         )
 
 
@@ -144,6 +160,7 @@ __all__ = [
     "PIXELS_PER_PATCH",
     "check_frame_count",
     "check_size",
+    "decoded_frames",
     "from_comfy_latent",
     "frames_to_image",
     "image_to_frames",

@@ -30,7 +30,7 @@ from .losses import moft_channels, moft_loss, smm_loss, video_features
 
 
 def _amf(generated: Tensor, reference: Tensor, _extra, config) -> Tensor:
-    return amf_loss(reference, generated)
+    return amf_loss(reference, generated, masked=config.masked_loss)
 
 
 def _moft(generated: Tensor, reference: Tensor, channels: Tensor, _config) -> Tensor:

@@ -1,5 +1,8 @@
 # SPDX-License-Identifier: Apache-2.0
-"""The optimiser side of a guided step (Alg. 1 inner loop): dynamic loss scaling for fp16 models.
+"""The optimiser side of a guided step (Alg. 1 inner loop): which optimiser, and dynamic loss scaling for fp16.
+
+A fresh optimiser per guided step with PyTorch's defaults (:class:`~ditflow.config.Optimizer`: Adam, the paper's;
+AdamW and SGD, its Table 3c ablation), built by name from ``torch.optim`` at call time.
 
 The optimised tensors (z_t, RoPE tables, the sin-cos table) are fp32, but their gradient flows back through the
 model in its own dtype. bf16 has fp32's exponent range; **fp16** (CogVideoX-2b's native dtype) does not: below about
@@ -16,7 +19,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .config import Optimizer
 from .errors import DiTFlowError
+
+#: ``torch.optim`` class of each :class:`~ditflow.config.Optimizer`.
+OPTIMIZER_CLASSES = {Optimizer.ADAM: "Adam", Optimizer.ADAMW: "AdamW", Optimizer.SGD: "SGD"}
+
+
+def make_optimizer(kind: Optimizer | str, param: Tensor, lr: float) -> torch.optim.Optimizer:
+    """A fresh ``torch.optim`` optimiser of ``kind`` over ``param`` at learning rate ``lr``, other settings default."""
+    return getattr(torch.optim, OPTIMIZER_CLASSES[Optimizer.parse(kind)])([param], lr=lr)
 
 #: First scale (as GradScaler), growth after this many finite iterations in a row, and the largest scale.
 INIT_SCALE, GROWTH_INTERVAL, MAX_SCALE = 2.0**16, 5, 2.0**24

@@ -43,6 +43,7 @@ class ReferenceMotion:
             ``None`` for a target made without a video (:mod:`ditflow.motion_target`): no KV injection then.
         features: guidance block → block-output video features ``[F, C, h, w]`` (float32, CPU), for the MOFT/SMM
             losses; empty when the reference was extracted for AMF.
+        soft: the AMF is the soft-argmax one (Eq. 7) rather than the argmax one (the authors' ablation switch).
     """
 
     amf: dict[int, Tensor]
@@ -50,6 +51,7 @@ class ReferenceMotion:
     temperature: float
     latents: Tensor | None
     features: dict[int, Tensor] = field(default_factory=dict)
+    soft: bool = False
 
     @property
     def blocks(self) -> tuple[int, ...]:
@@ -75,7 +77,7 @@ def latent_grid(model, latents: Tensor) -> tuple[int, int, int]:
 @torch.no_grad()
 def extract_reference(
     model, latents: Tensor, blocks, *, temperature: float = 2.0, loss: Loss | str = Loss.AMF,
-    empty_prompt: Tensor | None = None,
+    empty_prompt: Tensor | None = None, soft: bool = False,
 ) -> ReferenceMotion:
     """Reference motion at ``blocks``: one pass at timestep 0 with the empty prompt, no CFG (§4.2).
 
@@ -92,6 +94,8 @@ def extract_reference(
         loss: the guidance loss the reference is for (:class:`~ditflow.config.Loss`).
         empty_prompt: T5 embedding of the empty prompt ``[1, L, D_text]``; encoded here (text encoder needed)
             when not given.
+        soft: soft-argmax reference AMF (Eq. 7) instead of the paper's argmax
+            (:attr:`~ditflow.config.GuidanceConfig.soft_reference`).
     Raises:
         DiTFlowError: a block out of range, latents of the wrong shape, or NaN/Inf in the pass (damaged weights).
     """
@@ -113,7 +117,8 @@ def extract_reference(
         t0 = torch.zeros(1, device=device, dtype=torch.long)
         with model.attention(controller):
             model.forward_until(controller, model.pad_latents(z, geometry), empty, t0, inputs)
-        targets = objective.record(controller, geometry.token_grid, temperature=temperature, soft=False, fix=_MODEL_FIX)
+        targets = objective.record(controller, geometry.token_grid, temperature=temperature, soft=soft, fix=_MODEL_FIX)
     held = {objective.field: targets}
     return ReferenceMotion(amf=held.get("amf", {}), grid=geometry.token_grid, temperature=temperature,
-                           latents=latents.detach().cpu(), features=held.get("features", {}))
+                           latents=latents.detach().cpu(), features=held.get("features", {}),
+                           soft=soft and "amf" in held)

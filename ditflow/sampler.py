@@ -38,7 +38,7 @@ from .embeds import PositionEmbeds
 from .errors import DiTFlowError, check_finite
 from .inference_tensors import replace_inference_tensors
 from .objectives import objective_for
-from .optim import LossScaler
+from .optim import LossScaler, make_optimizer
 from .params import param_for
 from .reference import ReferenceMotion
 from .text import PromptEmbeds
@@ -57,7 +57,8 @@ class SampleResult:
 
     Attributes:
         latents: scaled latents ``[1, F, C, H, W]``, float32, CPU.
-        embeds: optimised positional embeddings per guided step (modes ``rope``/``posemb``), else ``None``.
+        embeds: the optimised tensor of every guided step (ρ in modes ``rope``/``posemb``, z_t in mode
+            ``latent``), for zero-shot replay; ``None`` when nothing was optimised.
         losses: per guided step, the guidance loss (AMF, MOFT or SMM) at each Adam iteration (before that
             iteration's update).
         timings: seconds per phase: ``kv_reference``, ``optimisation``, ``denoising``.
@@ -106,6 +107,12 @@ def sampling_geometry(model, reference=None, embeds=None, size=None) -> Geometry
 def _blocks_from_reference(config: GuidanceConfig, reference: ReferenceMotion | None) -> GuidanceConfig:
     if reference is None or not reference.has(config.loss):
         return config
+    if reference.amf and reference.soft != config.soft_reference:
+        kinds = {False: "hard (argmax)", True: "soft (soft-argmax)"}
+        raise DiTFlowError(
+            f"the reference AMF is {kinds[reference.soft]} but the guidance asks for a {kinds[config.soft_reference]} "
+            "one; extract the reference with the same setting."
+        )
     if not config.guidance_blocks:
         return dataclasses.replace(config, guidance_blocks=reference.blocks)
     if tuple(sorted(set(config.guidance_blocks))) != reference.blocks:
@@ -149,7 +156,7 @@ def _check_inputs(model, config: GuidanceConfig, reference, embeds, size, image)
         )
     config = _blocks_from_reference(config, reference).resolved(model)
     if embeds is not None:
-        embeds.check_compatible(model, geometry.token_grid, config.num_inference_steps)
+        embeds.check_compatible(model, geometry.token_grid, config.num_inference_steps, geometry.latent_shape)
         embeds.check_values()
         # A replay's guided window (where KV injection runs) is the saved steps', whatever T_opt says.
         config = dataclasses.replace(config, guidance_fraction=len(embeds.tables) / config.num_inference_steps)
@@ -248,11 +255,12 @@ class _GuidedRun:
         return self.objective(self.controller, self.targets, self.grid, config)
 
     def optimise_step(self, i: int, t: Tensor, kv: dict, info: dict) -> None:
-        """Alg. 1 inner loop: K_opt Adam iterations, a fresh Adam, on the mode's parameter."""
+        """Alg. 1 inner loop: K_opt iterations of a fresh optimiser (Adam by default, :class:`~ditflow.config.Optimizer`)
+        on the mode's parameter."""
         tic = time.perf_counter()
         param = self.param.begin(self.latents, self.carried)
         param.requires_grad_(True)
-        optimiser = torch.optim.Adam([param], lr=self.config.learning_rate(i))
+        optimiser = make_optimizer(self.config.optimizer, param, self.config.learning_rate(i))
         step_losses = []
         where = f"denoising step {i + 1} of {len(self.timesteps)}"
         lr_fix = (f"the learning rate {self.config.learning_rate(i):g} is too large for this model: lower "
@@ -276,16 +284,18 @@ class _GuidedRun:
         param.requires_grad_(False)
         self.losses.append(step_losses)
         self.latents, self.carried = self.param.end(param, self.latents, self.carried)
-        if self.carried is not None:
-            self.saved_tables.append(self.carried.clone().cpu())
+        # the ρ carried to the next step, or (mode latent) z_t itself: one step of what a zero-shot replay injects
+        self.saved_tables.append((param.detach() if self.carried is None else self.carried).clone().cpu())
         self._timed("optimisation", tic)
 
     def _step_positions(self, i: int, guided: bool) -> None:
-        """Positions of step ``i`` on the controller: just optimised, loaded for injection, or stock."""
+        """Positions of step ``i`` on the controller: just optimised, loaded for injection, or stock; a replayed
+        z_t trajectory (Fig. 7 "Ours-z_t") replaces the latents of its steps instead."""
         if guided and self.carried is not None:
             self.param.apply(self.controller, self.carried, self.latents)
         elif self.embeds is not None and i < len(self.embeds.tables):
-            param_for(self.embeds.mode).apply(self.controller, self.embeds.tables[i].to(self.device), self.latents)
+            saved = self.embeds.tables[i].to(self.device)
+            self.latents = param_for(self.embeds.mode).apply(self.controller, saved, self.latents)
 
     def _denoise_fix(self, i: int) -> str:
         """The likeliest cause of non-finite latents after step ``i``: CFG scale, injected embeddings, or the model."""
@@ -293,7 +303,7 @@ class _GuidedRun:
         if self.do_cfg and scale > 2.5 * usual:
             return f"the CFG scale {scale:g} is far above {self.model.name}'s {usual:g}: lower it"
         if self.embeds is not None and i < len(self.embeds.tables):
-            return "the injected positional embeddings drive the model out of range: use embeddings from a normal run"
+            return "the injected embeddings drive the model out of range: use embeddings from a normal run"
         return _MODEL_FIX
 
     def denoise_step(self, i: int, t: Tensor, kv: dict, guided: bool, info: dict) -> None:
@@ -395,7 +405,8 @@ def sample(
             that order, as the diffusers pipelines draw them; bit-reproducible on CPU.
         reference: reference motion (:func:`~ditflow.reference.extract_reference`); needed for optimisation and
             for KV injection.
-        embeds: saved positional embeddings to inject zero-shot (no optimisation; the reference is optional).
+        embeds: saved embeddings (ρ or the z_t trajectory) to replay zero-shot (no optimisation; with a reference,
+            KV injection runs in the saved steps).
         image: image-to-video models only (``model.needs_image``), and needed there: the start frame
             ``[3, H, W]`` in [-1, 1] at the video's size (:func:`~ditflow.video.start_image` takes it from a file
             or the reference's first frame).

@@ -253,7 +253,7 @@ def prepare_reference(
     Args:
         frames: ``[T, 3, H, W]`` in [-1, 1], from :func:`load_video` or :func:`ditflow.layout.image_to_frames`.
         height, width: target size in px, positive multiples of 16.
-        num_frames: frames to keep, 4k+1 (49 is CogVideoX's native length).
+        num_frames: frames to keep, 4k+1 (49 is CogVideoX's native length) or a multiple of 8 (the authors' 24).
         start: index of the first frame kept (0-based).
         stride: step between kept frames (1 keeps consecutive frames, 2 every other one: faster motion).
         resize: one of :data:`RESIZE_MODES`: ``"crop"`` scales (aspect kept) to cover the target and centre-crops,

@@ -41,7 +41,8 @@ def naive_attention_motion_flow(q: Tensor, k: Tensor, grid: tuple[int, int, int]
     return disp.permute(0, 2, 1, 3).reshape(num_frames * num_frames, s, 2)
 
 
-def naive_amf_loss(reference: Tensor, generated: Tensor) -> Tensor:
-    """Eq. 8: mean over (pair, patch) entries with a non-zero reference vector of the summed squared error."""
-    moving = (reference != 0).any(dim=-1)
+def naive_amf_loss(reference: Tensor, generated: Tensor, masked: bool = True) -> Tensor:
+    """Eq. 8: mean over (pair, patch) entries with a non-zero reference vector (all entries if not ``masked``) of the
+    summed squared error."""
+    moving = (reference != 0).any(dim=-1) if masked else torch.ones(reference.shape[:-1], dtype=torch.bool)
     return ((generated[moving] - reference[moving]) ** 2).sum(dim=-1).mean()

@@ -157,8 +157,17 @@ def sincos_offset(model, delta: Tensor):
 
 
 def stock_sincos(model, grid) -> Tensor:
-    """The 2B video sin-cos table the stock patch embedding adds for ``grid``, ``[n, D]`` fp32 (diffusers' own)."""
+    """The 2B video sin-cos table the stock patch embedding adds for ``grid``, ``[n, D]`` fp32: its output with
+    positions minus its output without them."""
     pe = model.transformer.patch_embed
     frames, h, w = grid
-    table = pe._get_positional_embeddings(16 * h, 16 * w, (frames - 1) * 4 + 1)
-    return table[0, pe.max_text_seq_length:].float()
+    text = torch.zeros(1, pe.max_text_seq_length, pe.text_proj.in_features)
+    latents = torch.zeros(1, frames, pe.proj.in_channels, 2 * h, 2 * w)
+    with torch.no_grad():
+        with_pos = pe(text, latents)
+        pe.use_positional_embeddings = False
+        try:
+            without = pe(text, latents)
+        finally:
+            pe.use_positional_embeddings = True
+    return (with_pos - without)[0, pe.max_text_seq_length:].float()

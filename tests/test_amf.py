@@ -180,6 +180,18 @@ def test_loss_averages_summed_squared_error_over_moving_entries_only():
     assert generated.grad[~reference.ne(0).any(-1)].eq(0).all()
 
 
+def test_unmasked_loss_averages_over_every_entry():
+    """The authors' threshloss=False ablation: static entries and i = j pairs count too, and a still reference is
+    then a valid target (every generated displacement is pulled to zero)."""
+    reference = torch.zeros(4, 2, 2)
+    reference[1, 0] = torch.tensor([1.0, 0.0])
+    reference[2, 1] = torch.tensor([0.0, -1.0])
+    generated = torch.full((4, 2, 2), 0.5)
+    # The two moving entries as above (3.0) plus six static ones at 0.5² + 0.5² = 0.5 each, over 8 entries.
+    assert amf_loss(reference, generated, masked=False).item() == pytest.approx((3.0 + 6 * 0.5) / 8)
+    assert amf_loss(torch.zeros(9, 20, 2), torch.ones(9, 20, 2), masked=False).item() == 2.0
+
+
 def test_loss_raises_when_the_reference_does_not_move():
     with pytest.raises(DiTFlowError, match="no motion"):
         amf_loss(torch.zeros(9, 20, 2), torch.ones(9, 20, 2))

@@ -51,3 +51,22 @@ def test_blocks_and_modes_are_checked_against_the_model():
         GuidanceConfig(mode=Mode.ROPE).resolved(variant_model(key))
         with pytest.raises(DiTFlowError, match="use mode latent or rope"):
             GuidanceConfig(mode=Mode.POSEMB).resolved(variant_model(key))
+
+
+def test_block_lists_parse_the_same_for_the_command_line_and_the_nodes():
+    from ditflow.config import parse_blocks
+
+    assert parse_blocks(20) == parse_blocks("20") == (20,)
+    assert parse_blocks("10,15,20") == parse_blocks("10, 15 20") == (10, 15, 20)
+    assert parse_blocks("none") == parse_blocks("") == ()
+    with pytest.raises(DiTFlowError, match="like 20 or 10,15,20, got '1;2'"):
+        parse_blocks("1;2")
+
+
+def test_ablation_switches_default_to_the_paper():
+    cfg = GuidanceConfig()
+    assert (cfg.optimizer.value, cfg.soft_reference, cfg.masked_loss) == ("adam", False, True)
+    assert GuidanceConfig(optimizer="sgd").optimizer.value == "sgd"
+    with pytest.raises(DiTFlowError, match="choose one of adam, adamw, sgd"):
+        GuidanceConfig(optimizer="lbfgs")
+

@@ -21,6 +21,7 @@ import pytest
 
 from ditflow import DiTFlowError
 from ditflow.cli import main
+from ditflow.embeds import load_embeds
 from ditflow.files import remove_orphans, write_json, write_text
 from ditflow.outputs import OutputSet, check_output_folder
 
@@ -132,8 +133,9 @@ def test_overwrite_publishes_exactly_the_new_set_with_normal_modes(tiny_5b_path,
     finally:
         os.umask(old_mask)
     assert _last_line(capsys) == f"wrote {out}"
-    assert sorted(p.name for p in out.iterdir()) == ["reference.mp4", "result.mp4", "run.json"]  # no stale embeds
+    assert sorted(p.name for p in out.iterdir()) == ["embeds.safetensors", "reference.mp4", "result.mp4", "run.json"]
     assert json.loads((out / "run.json").read_text())["guidance"]["mode"] == "latent"
+    assert load_embeds(out / "embeds.safetensors").mode.value == "latent"  # this run's z_t trajectory, not stale ρ
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or old folder left beside it
     assert stat.S_IMODE(out.stat().st_mode) == 0o755
     assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o644}

@@ -61,7 +61,7 @@ def test_fp16_guidance_keeps_small_gradients(tiny_models, half_models, grid, mon
             return super().step(closure)
 
     real_loss = ditflow.objectives.amf_loss  # the AMF objective's loss (what the sampler optimises)
-    monkeypatch.setattr(ditflow.objectives, "amf_loss", lambda ref, gen: real_loss(ref, gen) * 1e-5)
+    monkeypatch.setattr(ditflow.objectives, "amf_loss", lambda ref, gen, **kw: real_loss(ref, gen, **kw) * 1e-5)
     monkeypatch.setattr(torch.optim, "Adam", Spy)
     cfg = GuidanceConfig(mode="latent", num_inference_steps=2, guidance_fraction=0.5, opt_steps=1)
     for model in (tiny_models[family], half_models[(family, "fp16")]):  # ∂L/∂z_t of the first Adam iteration

@@ -14,7 +14,8 @@ from ditflow.reference import extract_reference
 from ditflow.sampler import sample
 from ditflow.text import encode_prompt
 
-# 4 steps, the first 2 guided; a larger lr than the paper's so that a random tiny model moves visibly.
+# 4 steps, the first 2 guided; a larger lr than the paper's so that a random tiny model moves visibly. That the loss
+# falls at the paper's lr is tests/test_guidance_pins.py's claim.
 FAST = dict(num_inference_steps=4, guidance_fraction=0.5, opt_steps=3, lr_start=0.05, lr_end=0.02)
 
 
@@ -46,18 +47,6 @@ def test_none_mode_matches_the_diffusers_pipeline(tiny_models, family, grid):
     assert torch.equal(ours.latents, theirs.float())
 
 
-@pytest.mark.parametrize("family,mode", [("2b", "latent"), ("5b", "latent"), ("5b", "rope"), ("2b", "posemb")])
-def test_guidance_lowers_the_amf_loss_at_every_guided_step(tiny_models, references, family, mode):
-    model = tiny_models[family]
-    cfg = GuidanceConfig(mode=mode, **FAST)
-    result = sample(model, encode_prompt(model, "a dog"), cfg, reference=references[family], seed=3)
-    assert len(result.losses) == 2
-    for step_losses in result.losses:
-        assert len(step_losses) == 3
-        assert step_losses[-1] < step_losses[0]
-    assert (result.embeds is not None) == (mode != "latent")
-
-
 @pytest.mark.parametrize("family,mode", [("5b", "rope"), ("2b", "posemb")])
 def test_positions_at_zero_lr_reproduce_the_unguided_output(tiny_models, references, family, mode):
     model = tiny_models[family]
@@ -78,12 +67,14 @@ def test_same_seed_is_bit_reproducible_and_guidance_changes_the_result(tiny_mode
     assert not torch.equal(a.latents, c.latents)
 
 
-def test_saved_embeddings_reinject_exactly(tiny_models, references, tmp_path):
+@pytest.mark.parametrize("mode", ["rope", "latent"])
+def test_saved_embeddings_reinject_exactly(tiny_models, references, tmp_path, mode):
+    """ρ (Fig. 7 "Ours-ρ_t") and the z_t trajectory ("Ours-z_t") replay the run they came from, bit for bit."""
     from ditflow.embeds import load_embeds, save_embeds
 
     model = tiny_models["5b"]
     text = encode_prompt(model, "a dog")
-    cfg = GuidanceConfig(mode="rope", **{**FAST, "opt_steps": 2})
+    cfg = GuidanceConfig(mode=mode, **{**FAST, "opt_steps": 2})
     first = sample(model, text, dataclasses.replace(cfg, kv_injection_blocks=()), reference=references["5b"], seed=5)
     path = save_embeds(tmp_path / "e.safetensors", first.embeds)
     loaded = load_embeds(path)
@@ -168,26 +159,3 @@ def test_each_guided_step_gets_a_fresh_adam_at_the_scheduled_lr(tiny_models, ref
     cfg = GuidanceConfig(mode="latent", **{**FAST, "num_inference_steps": 6, "guidance_fraction": 0.5})
     sample(model, encode_prompt(model, "a dog"), cfg, reference=references["5b"])
     assert made == pytest.approx([0.05, 0.035, 0.02]) and made[-1] == 0.02
-
-
-@pytest.mark.parametrize("meta,message", [
-    ({"seed": "-1"}, "seed = '-1', not an integer"),
-    ({"seed": "x"}, "seed = 'x', not an integer"),
-    ({"reference_options": '{"frames": 9}'}, r"frames=9: the fields are num_frames"),
-    ({"reference_options": '{"num_frames": "9"}'}, "num_frames='9'"),
-    ({"reference_options": "[9]"}, "not a JSON object"),
-])
-def test_embeddings_with_a_bad_seed_or_reference_options_are_refused(tiny_models, references, tmp_path, meta, message):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    from ditflow.embeds import load_embeds, save_embeds
-
-    model = tiny_models["5b"]
-    made = sample(model, encode_prompt(model, "x"), GuidanceConfig(mode="rope", **FAST), reference=references["5b"])
-    path = save_embeds(tmp_path / "e.safetensors", made.embeds)
-    with safe_open(str(path), framework="pt") as f:
-        tensors, stored = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    save_file(tensors, str(path), metadata={**stored, **meta})
-    with pytest.raises(DiTFlowError, match=message):
-        load_embeds(path)

@@ -241,7 +241,7 @@ def test_too_few_frames_says_what_fits():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_frames": 48}, r"frame count 48 is not of the form 4k\+1.*use 45 or 49"),
+        ({"num_frames": 47}, r"frame count 47 is not of the form 4k\+1.*use 45 or 49.*the authors' 24"),
         ({"height": 250}, r"height 250 px is not a positive multiple of 16.*use 240"),
         ({"resize": "zoom"}, r"unknown resize mode 'zoom'; choose one of crop, stretch, pad"),
         ({"stride": 0}, r"stride ≥ 1"),
@@ -366,3 +366,24 @@ def test_read_reference_auto_refuses_a_selection_too_short_for_motion(example_cl
     with pytest.raises(DiTFlowError, match=r"gives 3 frame\(s\) from frame 50 with stride 3.*at least 5"):
         read_reference(example_clip_path, options, log=notes.append)
     assert notes == []
+
+
+def test_the_authors_24_frames_encode_to_6_latent_frames(tiny_models):
+    """24 frames (the paper's clips, the authors' preset) are whole VAE frame batches: 6 latent frames, like 21."""
+    from ditflow.layout import latent_frames
+    from ditflow.reference import encode_video
+
+    frames = prepare_reference(_levels([0.1 * i for i in range(30)], 64, 96), height=64, width=96, num_frames=24)
+    assert frames.shape == (24, 3, 64, 96) and latent_frames(24) == latent_frames(21) == 6
+    assert encode_video(tiny_models["5b"], frames).shape == (1, 6, 16, 8, 12)
+
+
+def test_even_latent_frame_counts_decode_to_four_frames_each(tiny_models):
+    """diffusers' VAE decodes latent frames in pairs: 13 → 49 but 6 → 24 (the paper's clip length), not 21."""
+    from ditflow.layout import decoded_frames
+    from ditflow.reference import decode_latents
+
+    for latent, frames in ((3, 9), (6, 24)):
+        z = torch.randn(1, latent, 16, 8, 12, generator=torch.Generator().manual_seed(0))
+        assert decode_latents(tiny_models["5b"], z).shape[0] == decoded_frames(latent) == frames
+    assert decoded_frames(13) == 49

@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ...errors import DiTFlowError, check_finite
-from ...layout import SPATIAL_COMPRESSION, video_frames
+from ...layout import SPATIAL_COMPRESSION, decoded_frames
 from ...limits import check_decode_fits
 
 _VAE_FIX = ("the VAE turns finite inputs into NaN/Inf: its weights are damaged (re-download or re-convert vae/) or "
@@ -78,7 +78,8 @@ def encode_video(
 
 @torch.no_grad()
 def decode_latents(model, latents: Tensor, *, tiling: bool | None = None, slicing: bool | None = None) -> Tensor:
-    """Scaled latents ``[1, f, C, h, w]`` → frames ``[4(f−1)+1, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU.
+    """Scaled latents ``[1, f, C, h, w]`` → frames ``[n, 3, 8h, 8w]`` in [-1, 1], float32 on the CPU, with
+    n = :func:`~ditflow.layout.decoded_frames` (4(f−1)+1 for odd f, 4f for even f: the VAE decodes in pairs).
 
     ``tiling`` / ``slicing``: see :func:`vae_memory` (``None``: as the VAE is set).
 
@@ -91,7 +92,7 @@ def decode_latents(model, latents: Tensor, *, tiling: bool | None = None, slicin
     check_finite(latents, "the latents to decode", "generate them again; a sampler run stops before it returns "
                  "such latents, so they came from elsewhere", limit=None)
     device, dtype = next(vae.parameters()).device, next(vae.parameters()).dtype
-    check_decode_fits(video_frames(latents.shape[1]), latents.shape[-2] * SPATIAL_COMPRESSION,
+    check_decode_fits(decoded_frames(latents.shape[1]), latents.shape[-2] * SPATIAL_COMPRESSION,
                       latents.shape[-1] * SPATIAL_COMPRESSION)
     z = rearrange(latents.to(device, dtype) / scale, "b f c h w -> b c f h w")
     with torch.inference_mode(False), vae_memory(vae, tiling, slicing):
