@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .config import MFVariant
 from .errors import DiTFlowError
 from .tracking import DEFAULT_GRID_SIZE, check_frames, to_uint8_rgb, track_points
 
@@ -32,13 +33,23 @@ CLIP_MODEL_ID = "openai/clip-vit-base-patch32"
 # ---------------------------------------------------------------------------------------------------------------
 # Motion Fidelity (SMM, Yatim et al. 2024; DiTFlow §5.1)
 #
-# S[n, m] = mean_t cos(d_gen_n(t), d_ref_m(t)), d(t) = p(t+1) − p(t);  MF = mean_n max_m S[n, m].
-# Zero-length rule, as SMM's metric intends (its code divides by |d| and would give NaN): a step shorter than
-# STATIC_EPS_PX is a zero vector and has cosine 0 with **anything**, another zero step included. So a frozen video
-# scores 0 against any reference (it is never rewarded for a still background track), identical still videos score
-# 0 (not 1, not NaN), and a track that moves only part of the time earns credit only for its moving steps.
-# Implemented as one matmul of unit step directions (a zero step encodes as the zero vector), so a·b = cos.
-# The eps is a numerical guard, far below tracker jitter: jittering still points count as moving, as in SMM.
+# S[n, m] = mean_t cos(d_gen_n(t), d_ref_m(t)), d(t) = p(t+1) − p(t): generated track n against reference track m.
+# Three formulas on that matrix (MFVariant):
+#   official  — SMM's and DiTFlow's evaluation code (motion_fidelity_score.py of both repositories): S − I (a
+#               generated track may not be matched by the reference track that starts at its own grid point), then
+#               MF = mean_n max_m. Tracks are cut to the first min(T_gen, T_ref) frames. The paper's Table 1 numbers
+#               come from this; it is the default.
+#   symmetric — the SMM paper's definition: the mean over generated tracks of their best reference match and the
+#               mean over reference tracks of their best generated match, averaged (so it stays in [-1, 1]); no
+#               identity subtraction; same frame cut.
+#   ours      — mean_n max_m S, no identity subtraction, on videos resampled to the same frame count (uniform
+#               indices) before tracking (motion_fidelity), as this pack first shipped.
+# Zero-length rule, in all three (the official code divides by |d| and gives NaN): a step shorter than STATIC_EPS_PX
+# is a zero vector and has cosine 0 with **anything**, another zero step included. So a frozen video scores 0
+# against any reference (it is never rewarded for a still background track), identical still videos score 0 (not 1,
+# not NaN), and a track that moves only part of the time earns credit only for its moving steps. Implemented as one
+# matmul of unit step directions (a zero step encodes as the zero vector), so a·b = cos. The eps is a numerical
+# guard, far below tracker jitter: jittering still points count as moving, as in SMM.
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -49,9 +60,10 @@ class MotionFidelity:
     Attributes:
         score: MF in [-1, 1]; 1 = every generated track moves like some reference track.
         tracker: which tracker produced the tracks, ``"cotracker3_offline"`` or ``"flow"``.
-        tracks_ref, tracks_gen: ``[T, P, 2]`` pixel (x, y) at the working size ``size``.
+        tracks_ref, tracks_gen: ``[T, P, 2]`` pixel (x, y) at the working size ``size``, the frames the score used.
         size: (H, W) working size both videos were resized to before tracking.
         similarity: ``[P_gen, P_ref]`` matrix S, only when asked for (3025² floats ≈ 37 MB at the paper's grid).
+        variant: the formula (:class:`~ditflow.config.MFVariant`).
     """
 
     score: float
@@ -60,6 +72,7 @@ class MotionFidelity:
     tracks_gen: Tensor
     size: tuple[int, int]
     similarity: Tensor | None = None
+    variant: str = MFVariant.OFFICIAL.value
 
 
 def _step_codes(tracks: Tensor, static_eps: float) -> Tensor:
@@ -75,40 +88,59 @@ def motion_fidelity_from_tracks(
     tracks_ref: Tensor,
     tracks_gen: Tensor,
     *,
+    variant: MFVariant | str = MFVariant.OFFICIAL,
     static_eps: float = STATIC_EPS_PX,
     return_similarity: bool = False,
     chunk: int = 1024,
 ) -> tuple[float, Tensor | None]:
-    """MF from point tracks: mean over generated tracks of the best mean-cosine match among reference tracks.
+    """MF from point tracks by the ``variant``'s formula (banner above); S is built ``chunk`` rows at a time.
 
     Args:
         tracks_ref: ``[T, M, 2]`` reference tracks, pixel (x, y).
-        tracks_gen: ``[T, N, 2]`` generated tracks, same T (M and N may differ).
+        tracks_gen: ``[T', N, 2]`` generated tracks. ``official``/``symmetric`` use the first min(T, T') frames of
+            both; ``ours`` needs T = T'. ``official`` needs N = M (one grid tracked in both videos).
+        variant: :class:`~ditflow.config.MFVariant` (default ``official``, comparable with the paper).
         static_eps: steps shorter than this many pixels are zero vectors: cosine 0 with any step (another zero one too).
-        return_similarity: also return S ``[N, M]``.
+        return_similarity: also return S ``[N, M]`` (before the identity subtraction).
         chunk: generated tracks per matmul, bounding the working memory to chunk × M floats.
     Returns:
         (MF, S or None). MF is in [-1, 1] and finite.
     Raises:
-        DiTFlowError: if the shapes disagree or T < 2.
+        DiTFlowError: if the shapes disagree as above or fewer than 2 frames are left.
     """
+    variant = MFVariant.parse(variant)
     if tracks_ref.ndim != 3 or tracks_gen.ndim != 3 or tracks_ref.shape[-1] != 2 or tracks_gen.shape[-1] != 2:
         raise DiTFlowError(f"tracks must be [T, P, 2]; got {tuple(tracks_ref.shape)} and {tuple(tracks_gen.shape)}.")
+    if variant is not MFVariant.OURS:
+        frames = min(tracks_ref.shape[0], tracks_gen.shape[0])
+        tracks_ref, tracks_gen = tracks_ref[:frames], tracks_gen[:frames]
     if tracks_ref.shape[0] != tracks_gen.shape[0] or tracks_ref.shape[0] < 2:
         raise DiTFlowError(
             f"tracks need one frame count T ≥ 2; got {tracks_ref.shape[0]} (ref), {tracks_gen.shape[0]} (gen)."
         )
+    if variant is MFVariant.OFFICIAL and tracks_ref.shape[1] != tracks_gen.shape[1]:
+        raise DiTFlowError(
+            f"the official MF pairs each generated track with the reference track of its own grid point: both need "
+            f"the same points, got {tracks_gen.shape[1]} (gen) and {tracks_ref.shape[1]} (ref)."
+        )
     steps = tracks_ref.shape[0] - 1
     ref = _step_codes(tracks_ref.cpu(), static_eps)  # [M, 2(T-1)]
     gen = _step_codes(tracks_gen.cpu(), static_eps)  # [N, 2(T-1)]
-    best, rows = [], []
-    for g in gen.split(chunk):
-        s = (g @ ref.T) / steps  # [chunk, M] mean over t of cos
-        best.append(s.max(dim=1).values)
+    row_best, rows = [], []
+    col_best = torch.full((ref.shape[0],), -torch.inf)
+    for start in range(0, gen.shape[0], chunk):
+        s = (gen[start : start + chunk] @ ref.T) / steps  # [chunk, M] mean over t of cos
         if return_similarity:
-            rows.append(s)
-    score = float(torch.cat(best).double().mean().clamp(-1.0, 1.0))
-    return score, (torch.cat(rows) if return_similarity else None)
+            rows.append(s.clone())
+        col_best = torch.maximum(col_best, s.max(dim=0).values)
+        if variant is MFVariant.OFFICIAL:  # S − I: minus 1 where the generated and the reference point coincide
+            idx = torch.arange(s.shape[0])
+            s[idx, start + idx] -= 1.0
+        row_best.append(s.max(dim=1).values)
+    score = torch.cat(row_best).double().mean()
+    if variant is MFVariant.SYMMETRIC:
+        score = (score + col_best.double().mean()) / 2
+    return float(score.clamp(-1.0, 1.0)), (torch.cat(rows) if return_similarity else None)
 
 
 def _resample(frames: Tensor, num_frames: int, size: tuple[int, int]) -> Tensor:
@@ -130,13 +162,15 @@ def motion_fidelity(
     size: tuple[int, int] | None = None,
     static_eps: float = STATIC_EPS_PX,
     return_similarity: bool = False,
+    variant: MFVariant | str = MFVariant.OFFICIAL,
 ) -> MotionFidelity:
     """Motion Fidelity of ``generated`` to ``reference`` (DiTFlow §5.1, SMM's metric).
 
-    Both videos are first brought to a common shape: T = min of the two frame counts, by uniform temporal index
-    sampling, and the working size ``size``, by default the **reference's** (H, W) (the generated video is resized
-    to it, aspect included). A grid of first-frame points is tracked in each (:func:`ditflow.tracking.track_points`)
-    and compared with :func:`motion_fidelity_from_tracks`.
+    Both videos are brought to the working size ``size``, by default the **reference's** (H, W) (the generated video
+    is resized to it, aspect included). For ``official`` and ``symmetric`` each is tracked whole and the tracks are
+    cut to the first min(T, T') frames, as the official code does; for ``ours`` both are first resampled to the same
+    frame count (uniform temporal indices). A grid of first-frame points is tracked in each
+    (:func:`ditflow.tracking.track_points`) and compared with :func:`motion_fidelity_from_tracks`.
 
     Args:
         reference, generated: ``[F, 3, H, W]`` in [-1, 1], F ≥ 2; sizes and frame counts may differ.
@@ -146,6 +180,7 @@ def motion_fidelity(
         size: working (H, W) in pixels; default the reference's size.
         static_eps: pixel length below which a step is a zero vector, cosine 0 with anything (rule above).
         return_similarity: keep S ``[P, P]`` in the result.
+        variant: the formula, :class:`~ditflow.config.MFVariant` (default ``official``, comparable with Table 1).
     Returns:
         :class:`MotionFidelity` with the score, the tracker name, the tracks and the working size.
     Raises:
@@ -156,14 +191,20 @@ def motion_fidelity(
     size = tuple(int(v) for v in (size or reference.shape[-2:]))
     if len(size) != 2 or min(size) < 2:
         raise DiTFlowError(f"size must be (height, width) of at least 2 px; got {size}.")
-    num_frames = min(reference.shape[0], generated.shape[0])
-    reference, generated = _resample(reference, num_frames, size), _resample(generated, num_frames, size)
+    variant = MFVariant.parse(variant)
+    if variant is MFVariant.OURS:
+        num_frames = min(reference.shape[0], generated.shape[0])
+        reference, generated = _resample(reference, num_frames, size), _resample(generated, num_frames, size)
+    else:
+        reference, generated = (_resample(v, v.shape[0], size) for v in (reference, generated))
     tracks_ref, name = track_points(reference, grid_size, tracker, cotracker_checkpoint)
     tracks_gen, _ = track_points(generated, grid_size, name if name == "flow" else "cotracker", cotracker_checkpoint)
+    frames = min(tracks_ref.shape[0], tracks_gen.shape[0])
+    tracks_ref, tracks_gen = tracks_ref[:frames], tracks_gen[:frames]
     score, sim = motion_fidelity_from_tracks(
-        tracks_ref, tracks_gen, static_eps=static_eps, return_similarity=return_similarity
+        tracks_ref, tracks_gen, variant=variant, static_eps=static_eps, return_similarity=return_similarity
     )
-    return MotionFidelity(score, name, tracks_ref, tracks_gen, size, sim)
+    return MotionFidelity(score, name, tracks_ref, tracks_gen, size, sim, variant.value)
 
 
 # ---------------------------------------------------------------------------------------------------------------

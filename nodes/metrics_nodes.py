@@ -29,7 +29,7 @@ class DiTFlowMotionFidelity:
                 "reference": ("IMAGE", {"tooltip": "Reference video frames (e.g. the frames output of DiTFlow Encode "
                               "Reference). Its size is the working size; the generated video is resized to it."}),
                 "generated": ("IMAGE", {"tooltip": "Generated video frames (CogVideoX Decode). Frame counts may "
-                              "differ: both are resampled to the shorter one."}),
+                              "differ: the shorter count is used (first frames; resampled for variant 'ours')."}),
                 "grid_size": ("INT", {"default": 55, "min": 2, "max": 200, "tooltip": "Tracked first-frame points per "
                               "side (paper: 55 → 3025 tracks)."}),
                 "tracker": (["auto", "flow", "cotracker"], {"default": "auto", "tooltip": "cotracker: CoTracker3 "
@@ -41,10 +41,14 @@ class DiTFlowMotionFidelity:
                 "cotracker_checkpoint": ([HUB_CACHE, *paths.cotracker_files()], {
                     "default": HUB_CACHE, "tooltip": "CoTracker3's scaled_offline.pth from models/cotracker/ "
                     "(refresh after adding it), or the torch.hub checkpoint cache."}),
+                "variant": (["official", "symmetric", "ours"], {"default": "official", "tooltip": "official: the "
+                            "SMM/DiTFlow evaluation code (comparable with the paper's Table 1: a track may not be "
+                            "matched by its own grid point, first frames of each video); symmetric: the SMM paper's "
+                            "both-ways mean; ours: generated → reference on resampled frames."}),
             },
         }
 
-    def measure(self, reference, generated, grid_size, tracker, cotracker_checkpoint=HUB_CACHE):
+    def measure(self, reference, generated, grid_size, tracker, cotracker_checkpoint=HUB_CACHE, variant="official"):
         import torch
 
         from ditflow.layout import image_to_frames
@@ -52,7 +56,8 @@ class DiTFlowMotionFidelity:
 
         checkpoint = None if cotracker_checkpoint == HUB_CACHE else paths.cotracker_path(cotracker_checkpoint)
         ref, gen = image_to_frames(reference), image_to_frames(generated)
-        result = motion_fidelity(ref, gen, grid_size=grid_size, tracker=tracker, cotracker_checkpoint=checkpoint)
+        result = motion_fidelity(ref, gen, grid_size=grid_size, tracker=tracker, cotracker_checkpoint=checkpoint,
+                                 variant=variant)
         plot = plot_motion_fidelity(ref, gen, result.tracks_ref, result.tracks_gen, result.score,
                                     tracker=result.tracker, size=result.size)
         return (result.score, torch.from_numpy(plot).float().div(255.0)[None])

@@ -32,6 +32,10 @@ FRAMES, SIZE, SIDE = 9, 64, 24
 GRID = 11
 
 
+def _ours(ref, gen):
+    return motion_fidelity_from_tracks(ref, gen, variant="ours")
+
+
 @pytest.fixture(autouse=True)
 def no_cotracker_cache(tmp_path, monkeypatch):
     """Points torch.hub at an empty folder, so CoTracker is never found and nothing can be fetched."""
@@ -67,17 +71,18 @@ def pan_clip(velocity: int) -> torch.Tensor:
 
 
 def test_zero_steps_have_cosine_zero_with_anything():
+    # One track each, so the claim is about S itself: the formula without the official own-point subtraction.
     still = torch.zeros(3, 1, 2)  # 3 frames, 1 track, never moves
     right = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[2.0, 0.0]]])
     left = -right
-    assert motion_fidelity_from_tracks(still, still)[0] == 0.0  # two still tracks: 0, not 1 and not NaN
-    assert motion_fidelity_from_tracks(right, still)[0] == 0.0
-    assert motion_fidelity_from_tracks(still, right)[0] == 0.0
-    assert motion_fidelity_from_tracks(right, right)[0] == pytest.approx(1.0)
-    assert motion_fidelity_from_tracks(right, left)[0] == pytest.approx(-1.0)
+    assert _ours(still, still)[0] == 0.0  # two still tracks: 0, not 1 and not NaN
+    assert _ours(right, still)[0] == 0.0
+    assert _ours(still, right)[0] == 0.0
+    assert _ours(right, right)[0] == pytest.approx(1.0)
+    assert _ours(right, left)[0] == pytest.approx(-1.0)
     # A track that stops halfway earns credit for its moving steps only: (1 + 0) / 2.
     halfway = torch.tensor([[[0.0, 0.0]], [[1.0, 0.0]], [[1.0, 0.0]]])
-    assert motion_fidelity_from_tracks(right, halfway)[0] == pytest.approx(0.5)
+    assert _ours(right, halfway)[0] == pytest.approx(0.5)
 
 
 def test_frozen_output_is_not_rewarded_by_a_still_reference_track():
@@ -86,18 +91,65 @@ def test_frozen_output_is_not_rewarded_by_a_still_reference_track():
     moving = torch.arange(5.0)[:, None, None] * torch.tensor([1.0, 0.0])
     ref = torch.cat([moving, torch.zeros(5, 1, 2)], dim=1)
     frozen = torch.zeros(5, 2, 2)
-    assert motion_fidelity_from_tracks(ref, frozen)[0] == 0.0
-    assert motion_fidelity_from_tracks(ref, moving.repeat(1, 2, 1))[0] == pytest.approx(1.0)
+    assert _ours(ref, frozen)[0] == 0.0
+    assert _ours(ref, moving.repeat(1, 2, 1))[0] == pytest.approx(1.0)
 
 
 def test_chunked_similarity_equals_dense_cosines():
     gen, ref = torch.randn(6, 50, 2).cumsum(0), torch.randn(6, 40, 2).cumsum(0)
-    score, sim = motion_fidelity_from_tracks(ref, gen, return_similarity=True, chunk=7)
+    score, sim = motion_fidelity_from_tracks(ref, gen, return_similarity=True, chunk=7, variant="ours")
     dg, dr = gen.diff(dim=0), ref.diff(dim=0)  # no zero steps in random walks, so plain cosines apply
     dense = torch.nn.functional.cosine_similarity(dg[:, :, None], dr[:, None, :], dim=-1).mean(0)  # [50, 40]
     assert sim.shape == (50, 40)
     torch.testing.assert_close(sim, dense, atol=1e-5, rtol=0)  # float32 matmul vs float32 cosines
     assert score == pytest.approx(dense.max(dim=1).values.mean().item(), abs=1e-5)
+
+
+def test_chunked_official_and_symmetric_equal_their_dense_formulas():
+    gen, ref = torch.randn(6, 40, 2).cumsum(0), torch.randn(8, 40, 2).cumsum(0)  # 8 reference frames: cut to 6
+    dg, dr = gen.diff(dim=0), ref[:6].diff(dim=0)
+    dense = torch.nn.functional.cosine_similarity(dg[:, :, None], dr[:, None, :], dim=-1).mean(0)  # [40, 40]
+    official = (dense - torch.eye(40)).max(dim=1).values.mean()
+    symmetric = (dense.max(dim=1).values.mean() + dense.max(dim=0).values.mean()) / 2
+    assert motion_fidelity_from_tracks(ref, gen, chunk=7)[0] == pytest.approx(official.item(), abs=1e-5)
+    assert motion_fidelity_from_tracks(ref, gen, chunk=7, variant="symmetric")[0] == pytest.approx(symmetric.item(),
+                                                                                                   abs=1e-5)
+
+
+def _tracks(*steps_per_track) -> torch.Tensor:
+    """Tracks ``[T, P, 2]`` from each track's list of (dx, dy) steps, all starting at the origin."""
+    steps = torch.tensor(steps_per_track, dtype=torch.float32).transpose(0, 1)  # [T-1, P, 2]
+    return torch.cat([torch.zeros(1, *steps.shape[1:]), steps.cumsum(0)])
+
+
+R, L, D = (1.0, 0.0), (-1.0, 0.0), (0.0, 1.0)  # one pixel right, left, down
+
+
+@pytest.mark.parametrize("variant,expected", [("official", 1 / 2), ("symmetric", 3 / 4), ("ours", 2 / 3)])
+def test_motion_fidelity_formulas_on_constructed_tracks(variant, expected):
+    """Three reference and three generated tracks with hand-computed S (rows: generated; columns: reference):
+
+        reference: r0 = right, right;  r1 = down, down;  r2 = right, down
+        generated: g0 = right, right;  g1 = right, down;  g2 = left, left
+        S = [[ 1,  0,  1/2],      row max (ours): 1, 1, 0            → 2/3
+             [1/2, 1/2, 1  ],     S − I row max (official): 1/2, 1, 0 → 1/2
+             [-1,  0, -1/2]]      column max: 1, 1/2, 1 → 5/6; symmetric (2/3 + 5/6)/2 = 3/4
+    """
+    ref = _tracks([R, R], [D, D], [R, D])
+    gen = _tracks([R, R], [R, D], [L, L])
+    score, sim = motion_fidelity_from_tracks(ref, gen, variant=variant, return_similarity=True)
+    torch.testing.assert_close(sim, torch.tensor([[1, 0, 0.5], [0.5, 0.5, 1], [-1, 0, -0.5]]))
+    assert score == pytest.approx(expected)
+
+
+def test_official_formula_cuts_to_the_first_common_frames_and_needs_one_grid():
+    ref = torch.cat([_tracks([R, R], [D, D], [R, D]), torch.tensor([[[9.0, 9.0]] * 3])])  # one more, odd frame
+    gen = _tracks([R, R], [R, D], [L, L])
+    assert motion_fidelity_from_tracks(ref, gen)[0] == pytest.approx(1 / 2)  # the extra frame is not used
+    with pytest.raises(DiTFlowError, match="same points"):
+        motion_fidelity_from_tracks(ref[:, :2], gen)
+    with pytest.raises(DiTFlowError, match="one frame count"):
+        motion_fidelity_from_tracks(ref, gen, variant="ours")
 
 
 # --- Tracker ------------------------------------------------------------------------------------------------------
