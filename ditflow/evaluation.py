@@ -7,12 +7,17 @@ prompts (``caption``, ``subject``, ``scene``)::
     {"videos": [{"name": "bmx-trees", "video": "../../../shared/videos/bmx-trees.mp4", "frames": [0, 24, 1],
                  "prompts": {"caption": "...", "subject": "...", "scene": "..."}}]}
 
-``video`` is absolute or relative to the manifest file. Methods (:data:`METHODS`) are the paper's Table 1 rows, all
-on one base :class:`~ditflow.config.GuidanceConfig`, so that they differ only in what the row names.
+``video`` is absolute or relative to the manifest file. An entry may instead name a DAVIS 2017 clip,
+``"davis": "bmx-trees"``, read from ``<davis_root>/JPEGImages/480p/bmx-trees/`` (DAVIS is not redistributed; the
+paper's 50 clips × 3 prompts are ``benchmarks/manifests/davis_paper.json``). Methods (:data:`METHODS`) are the
+paper's Table 1 rows, all on one base :class:`~ditflow.config.GuidanceConfig`, so that they differ only in what the
+row names.
 
-Frames: the paper uses 24 frames per clip; CogVideoX needs 4k+1, so the runner keeps the **first** ``4k+1`` frames of
-the range, the largest such count that fits (24 → 21, capped by ``max_frames``). MF is measured between those
-reference frames (at the generation size) and the generated video; IQ between the generated frames and the prompt.
+Frames: the paper uses 24 frames per clip. By default (``clip_frames="first"``, ours) the runner keeps the **first**
+``4k+1`` frames of the range, the largest such count that fits (24 → 21, capped by ``max_frames``); the authors
+preset keeps the whole range (``"range"``: 24, a multiple of 8 the VAE also takes; 6 latent frames either way). MF
+(:class:`~ditflow.config.MFVariant`, default the official formula) is measured between those reference frames (at
+the generation size) and the generated video; IQ between the generated frames and the prompt.
 
 Outputs in ``out``: ``videos/<video>_<method>_<kind>.<id>.mp4``, ``results/<video>_<method>_<kind>.<id>.json`` (one
 record per item, written last and atomically) and ``table.csv`` / ``table.md``. ``<id>`` is a hash of everything that
@@ -44,12 +49,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import GuidanceConfig
+from .config import ClipFrames, GuidanceConfig, MFVariant, ReferenceOptions
 from .errors import DiTFlowError
 from .files import remove_orphans, write_json, write_text
 from .jobs import (
     ModelOptions,
-    ReferenceOptions,
     generate,
     memory_record,
     read_reference,
@@ -85,10 +89,15 @@ class ManifestVideo:
     frames: tuple[int, int, int]
     prompts: dict[str, str]
 
-    def reference_options(self, height: int, width: int, max_frames: int | None) -> ReferenceOptions:
-        """The :class:`~ditflow.jobs.ReferenceOptions` of this clip: the first 4k+1 frames of the range."""
-        return ReferenceOptions(num_frames=clip_frame_count(self.frames, max_frames), height=height, width=width,
-                                start=self.frames[0], stride=self.frames[2])
+    def reference_options(self, options: BenchOptions) -> ReferenceOptions:
+        """The :class:`~ditflow.config.ReferenceOptions` of this clip under ``options`` (see the module docstring)."""
+        if ClipFrames.parse(options.clip_frames) is ClipFrames.RANGE:
+            count = len(range(*self.frames))
+            count = count if options.max_frames is None else min(count, options.max_frames)
+        else:
+            count = clip_frame_count(self.frames, options.max_frames)
+        return ReferenceOptions(num_frames=count, height=options.height, width=options.width, start=self.frames[0],
+                                stride=self.frames[2], resize=options.resize, sample_seed=options.sample_seed)
 
 
 def clip_frame_count(frames: tuple[int, int, int], max_frames: int | None = None) -> int:
@@ -119,15 +128,39 @@ def _text(value) -> bool:
     return isinstance(value, str) and bool(value.strip()) and "\x00" not in value
 
 
-def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
+#: Where a DAVIS clip's frames are looked for under ``davis_root``, in order (the DAVIS 2017 layout first).
+DAVIS_LAYOUTS = ("JPEGImages/480p/{clip}", "{clip}")
+
+
+def davis_clip(davis_root: str | os.PathLike | None, clip: str, where: str) -> Path:
+    """The frame folder of DAVIS clip ``clip`` under ``davis_root`` (:data:`DAVIS_LAYOUTS`).
+
+    Raises:
+        DiTFlowError: no ``davis_root`` given, or the clip is not there (the message names the clip and the folders
+            looked at).
+    """
+    if davis_root is None:
+        raise DiTFlowError(f"{where} names the DAVIS clip {clip!r}: give the folder of a local DAVIS 2017 copy "
+                           "(--davis-root DIR, holding JPEGImages/480p/<clip>/; DAVIS is not shipped with DiTFlow).")
+    root = Path(davis_root).expanduser()
+    tried = [root / layout.format(clip=clip) for layout in DAVIS_LAYOUTS]
+    for folder in tried:
+        if folder.is_dir():
+            return folder.resolve()
+    raise DiTFlowError(f"DAVIS clip {clip!r} ({where}) is missing: none of {', '.join(map(str, tried))} is a folder; "
+                       "check --davis-root (a DAVIS 2017 trainval copy has JPEGImages/480p/<clip>/).")
+
+
+def load_manifest(path: str | os.PathLike, davis_root: str | os.PathLike | None = None) -> list[ManifestVideo]:
     """Reads and checks a manifest (format in the module docstring); relative video paths are resolved against
-    the manifest's folder. Every field must have its JSON type: ``name``, ``video`` and each prompt non-empty
-    strings (a ``null`` prompt is refused, not turned into the text "None"), ``frames`` three integers (not
-    booleans).
+    the manifest's folder, DAVIS clip names against ``davis_root``. Every field must have its JSON type: ``name``,
+    ``video`` (or ``davis``) and each prompt non-empty strings (a ``null`` prompt is refused, not turned into the
+    text "None"), ``frames`` three integers (not booleans).
 
     Raises:
         DiTFlowError: unreadable or too deeply nested JSON, a missing field or one of the wrong type, a bad name,
-            range or prompt kind (the message names the entry and the field).
+            range or prompt kind, or a DAVIS clip that is not under ``davis_root`` (the message names the entry and
+            the field, or the clip).
     """
     path = Path(path)
     try:
@@ -143,15 +176,17 @@ def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
     videos, seen = [], set()
     for i, e in enumerate(entries):
         where = f"manifest {path}, video {i}"
-        if not isinstance(e, dict) or not {"name", "video", "frames", "prompts"} <= set(e):
-            raise DiTFlowError(f"{where}: needs the keys name, video, frames, prompts.")
+        if not isinstance(e, dict) or not {"name", "frames", "prompts"} <= set(e) or len({"video", "davis"} & set(e)) != 1:
+            raise DiTFlowError(f"{where}: needs the keys name, frames, prompts and one of video, davis.")
         name = e["name"]
         if not isinstance(name, str) or not _NAME.match(name) or name in seen:
             raise DiTFlowError(f"{where}: name {_short(name)} must be a unique string of letters, digits, '.', '_', "
                                "'-'.")
         seen.add(name)
-        if not _text(e["video"]):
-            raise DiTFlowError(f"{where} ({name}): video must be a path as a string, got {_short(e['video'])}.")
+        source = "davis" if "davis" in e else "video"
+        if not _text(e[source]):
+            what = "a DAVIS clip name" if source == "davis" else "a path"
+            raise DiTFlowError(f"{where} ({name}): {source} must be {what} as a string, got {_short(e[source])}.")
         frames = e["frames"]
         if not (isinstance(frames, list) and len(frames) == 3
                 and all(isinstance(v, int) and not isinstance(v, bool) for v in frames)
@@ -165,9 +200,12 @@ def load_manifest(path: str | os.PathLike) -> list[ManifestVideo]:
         for kind, text in prompts.items():
             if not _text(text):
                 raise DiTFlowError(f"{where} ({name}): the {kind} prompt must be non-empty text, got {_short(text)}.")
-        video = Path(e["video"]).expanduser()
-        video = video if video.is_absolute() else (path.parent / video)
-        videos.append(ManifestVideo(name, video.resolve(), tuple(frames), dict(prompts)))
+        if source == "davis":
+            video = davis_clip(davis_root, e["davis"], f"{where} ({name})")
+        else:
+            video = Path(e["video"]).expanduser()
+            video = (video if video.is_absolute() else (path.parent / video)).resolve()
+        videos.append(ManifestVideo(name, video, tuple(frames), dict(prompts)))
     return videos
 
 
@@ -181,7 +219,10 @@ class BenchOptions:
     """Everything but the manifest: model, methods, generation size, base guidance, metrics.
 
     Attributes:
-        height, width: generation size in px (paper: 480×720). ``max_frames`` caps the 4k+1 count per clip.
+        height, width: generation size in px (paper: 480×720). ``max_frames`` caps the frames per clip.
+        resize, sample_seed: how reference frames are fitted and encoded (:class:`~ditflow.config.ReferenceOptions`).
+        clip_frames: the first 4k+1 frames of each range (ours) or the whole range (the authors preset).
+        mf_variant: the Motion Fidelity formula (:class:`~ditflow.config.MFVariant`; default the official one).
         guidance: base settings every method starts from (steps, T_opt, blocks, ...; defaults: the paper's).
         grid_size, tracker, cotracker_checkpoint: MF tracking (paper: 55×55 CoTracker3; ``auto`` falls back to flow).
         clip_model: folder of CLIP ViT-B/32 for IQ; ``None`` tries the local Hugging Face cache; if neither has the
@@ -200,6 +241,10 @@ class BenchOptions:
     tracker: str = "auto"
     cotracker_checkpoint: str | None = None
     clip_model: str | None = None
+    resize: str = "crop"
+    sample_seed: int | None = None
+    clip_frames: ClipFrames = ClipFrames.FIRST
+    mf_variant: MFVariant = MFVariant.OFFICIAL
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -218,13 +263,15 @@ class BenchOptions:
         settings = {
             "model": str(local.resolve()) if local.exists() else str(model.path), "dtype": model.dtype,
             "vae_tiling": model.vae_tiling, "video": str(item.video.path), "frames": list(item.video.frames),
-            "num_frames": clip_frame_count(item.video.frames, self.max_frames), "size": [self.height, self.width],
+            "num_frames": item.video.reference_options(self).num_frames, "size": [self.height, self.width],
+            "resize": self.resize, "reference_sample_seed": self.sample_seed,
             "method": item.method, "prompt_kind": item.kind, "prompt": item.prompt,
             "negative_prompt": self.negative_prompt, "seed": self.seed,
             "guidance": {k: (v.value if isinstance(v, Enum) else v)
                          for k, v in dataclasses.asdict(self.config(item.method)).items()},
             "metrics": {"grid_size": self.grid_size, "tracker": self.tracker,
-                        "cotracker_checkpoint": self.cotracker_checkpoint, "clip_model": self.clip_model},
+                        "cotracker_checkpoint": self.cotracker_checkpoint, "clip_model": self.clip_model,
+                        "mf_variant": MFVariant.parse(self.mf_variant).value},
         }
         return json.loads(json.dumps(settings))  # as a record reads back: tuples are lists
 
@@ -331,8 +378,9 @@ class Worker:
         name = item.video.name
         if name not in self._latents:
             with cog.on_device("vae"):
-                self._latents[name] = cog.encode_video(ref_frames)
-        key = (name, config.mode, config.loss, config.guidance_blocks, config.temperature, bool(config.kv_injection_blocks))
+                self._latents[name] = cog.encode_video(ref_frames, sample_seed=opts.sample_seed)
+        key = (name, config.mode, config.loss, config.guidance_blocks, config.temperature, config.soft_reference,
+               bool(config.kv_injection_blocks))
         if key not in self._motion:
             self._motion[key] = reference_motion(cog, self._latents[name], config)
         timings["reference"] = time.perf_counter() - tic
@@ -345,7 +393,7 @@ class Worker:
 
         tic = time.perf_counter()
         mf = motion_fidelity(ref_frames, frames, grid_size=opts.grid_size, tracker=opts.tracker,
-                             cotracker_checkpoint=opts.cotracker_checkpoint)
+                             cotracker_checkpoint=opts.cotracker_checkpoint, variant=opts.mf_variant)
         timings["motion_fidelity"] = time.perf_counter() - tic
         clip = self._clip_or_reason()
         iq, iq_skipped = None, None
@@ -357,7 +405,8 @@ class Worker:
             timings["clip_score"] = time.perf_counter() - tic
         record = {
             "video": name, "method": item.method, "prompt_kind": item.kind, "prompt": item.prompt,
-            "mf": mf.score, "tracker": mf.tracker, "iq": iq, "iq_skipped": iq_skipped,
+            "mf": mf.score, "mf_variant": MFVariant.parse(opts.mf_variant).value, "tracker": mf.tracker, "iq": iq,
+            "iq_skipped": iq_skipped,
             "frames": int(frames.shape[0]), "size": [opts.height, opts.width], "seed": opts.seed,
             "model": str(opts.model.path), "model_family": cog.variant,
             "guidance": {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(config).items()},
@@ -411,7 +460,7 @@ def _check_out(out: Path) -> None:
 def _reference_frames(videos: list[ManifestVideo], options: BenchOptions) -> dict[str, tuple[Tensor, float]]:
     refs = {}
     for v in videos:
-        frames, fps = read_reference(v.path, v.reference_options(options.height, options.width, options.max_frames))
+        frames, fps = read_reference(v.path, v.reference_options(options))
         refs[v.name] = (frames, fps / v.frames[2])
     return refs
 
@@ -423,6 +472,7 @@ def run_benchmark(
     *,
     ray_address: str | None = None,
     ray_workers: int | None = None,
+    davis_root: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> BenchReport:
     """Runs every unfinished item of ``manifest`` × ``options.methods`` and writes the table (see module docstring).
@@ -432,13 +482,14 @@ def run_benchmark(
             ``None`` runs sequentially in this process. An already initialised Ray is used as it is.
         ray_workers: Ray actors, each holding one model (default: the cluster's GPU count, else 1). Each asks for a
             GPU when the model device is CUDA.
+        davis_root: a local DAVIS 2017 copy, for manifests whose entries name DAVIS clips.
         log: receives one line per item (default: silent).
     Raises:
         DiTFlowError: bad manifest, options or videos (before any model is loaded); ``ray`` missing.
     """
     out = Path(out).expanduser()
     log = log or (lambda line: None)
-    videos = load_manifest(manifest)
+    videos = load_manifest(manifest, davis_root)
     _check_out(out)
     refs = _reference_frames(videos, options)  # reads and checks every clip before any model is loaded
     items = items_of(videos, options.methods)

@@ -324,3 +324,75 @@ def test_sample_manifest_points_at_bmx_trees_with_three_prompt_kinds(bmx_path):
     (video,) = load_manifest(manifest)
     assert video.path.resolve() == bmx_path.resolve()
     assert sorted(video.prompts) == sorted(PROMPT_KINDS) and video.frames == (0, 24, 1)
+
+
+# --- The paper's evaluation set ------------------------------------------------------------------------------------
+
+
+def _davis_root(tmp_path, clips) -> Path:
+    """A DAVIS 2017 layout with one (empty) frame folder per clip: what the manifest resolves, not what it reads."""
+    for clip in clips:
+        (tmp_path / "DAVIS" / "JPEGImages" / "480p" / clip).mkdir(parents=True)
+    return tmp_path / "DAVIS"
+
+
+def test_paper_manifest_is_50_davis_clips_of_24_frames_with_three_prompts(tmp_path):
+    from ditflow.evaluation import PROMPT_KINDS
+
+    manifest = REPO / "benchmarks/manifests/davis_paper.json"
+    names = [e["davis"] for e in json.loads(manifest.read_text())["videos"]]
+    videos = load_manifest(manifest, davis_root=_davis_root(tmp_path, names))
+    assert len(videos) == 50 == len(set(names))
+    assert all(sorted(v.prompts) == sorted(PROMPT_KINDS) for v in videos)  # 150 prompts
+    assert all(len(range(*v.frames)) == 24 for v in videos)  # the paper's 24 frames per clip
+    bmx = next(v for v in videos if v.name == "bmx-trees")
+    assert bmx.path == (tmp_path / "DAVIS/JPEGImages/480p/bmx-trees").resolve() and bmx.frames == (0, 24, 1)
+    assert bmx.prompts["subject"] == "Leopard running up a grassy hill"
+
+
+def test_a_missing_davis_clip_or_root_is_one_sentence_naming_it(tiny_5b_path, tmp_path, capsys, monkeypatch):
+    import ditflow.jobs
+
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    manifest = REPO / "benchmarks/manifests/davis_paper.json"
+    names = [e["davis"] for e in json.loads(manifest.read_text())["videos"]]
+    root = _davis_root(tmp_path, [n for n in names if n != "car-turn"])
+    args = _cli_args(tiny_5b_path, manifest, tmp_path / "out", "backbone")
+    assert main([*args, "--davis-root", str(root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "DAVIS clip 'car-turn'" in err and "JPEGImages/480p/car-turn" in err
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "names the DAVIS clip 'blackswan'" in err and "--davis-root" in err
+
+
+def test_authors_preset_runs_whole_24_frame_ranges_stretched_with_their_negative_prompt(
+    tiny_5b_path, tmp_path, monkeypatch
+):
+    """bench-eval --preset authors: each clip's whole range (24 frames → 6 latent frames, decoded to 24),
+    stretched, CFG 7 and the authors' negative prompt; MF by the official formula."""
+    import ditflow.evaluation
+    import ditflow.jobs
+    from ditflow.config import AUTHORS_NEGATIVE_PROMPT
+
+    rng = np.random.default_rng(0)
+    texture = cv2.GaussianBlur(rng.random((64, 200)).astype(np.float32), (0, 0), 2.0)
+    texture = (texture - texture.min()) / (texture.max() - texture.min()) * 2 - 1
+    frames = torch.from_numpy(np.stack([np.repeat(texture[None, :, 3 * t : 3 * t + 100], 3, 0) for t in range(24)]))
+    write_video(tmp_path / "pan24.mp4", frames, 8.0)
+    manifest = tmp_path / "m.json"
+    manifest.write_text(json.dumps({"videos": [{"name": "pan24", "video": "pan24.mp4", "frames": [0, 24, 1],
+                                                "prompts": {"caption": "a panning texture"}}]}))
+    seen = []
+    real = ditflow.jobs.generate
+    monkeypatch.setattr(ditflow.evaluation, "generate", lambda *a, **k: seen.append((a[2], k)) or real(*a, **k))
+    args = _cli_args(tiny_5b_path, manifest, tmp_path / "out", "backbone")
+    args = [a for a in args if a not in ("--max-frames", "9")]
+    assert main([*args, "--preset", "authors"]) == 0
+    (record_path,) = (tmp_path / "out/results").glob("pan24_backbone_caption*.json")
+    record = json.loads(record_path.read_text())
+    config, kwargs = seen[0]
+    # 24 frames → 6 latent frames, which the VAE decodes to 24 (pairs of latent frames; layout.decoded_frames)
+    assert kwargs["size"] == (24, 64, 96) and record["frames"] == 24
+    assert config.guidance_scale == 7.0 and kwargs["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT
+    assert record["mf_variant"] == "official" and math.isfinite(record["mf"])
