@@ -17,21 +17,37 @@ import signal
 import sys
 
 from .backbones import VARIANT_INFO
-from .config import GuidanceConfig, Loss, Mode, ReferenceOptions
+from .config import (
+    PRESETS,
+    GuidanceConfig,
+    Loss,
+    Mode,
+    Optimizer,
+    ReferenceOptions,
+    MFVariant,
+    parse_blocks,
+    settings,
+)
 from .errors import DiTFlowError
 from .memory import CHECKPOINTING, OFFLOAD
 
 _DEFAULTS = GuidanceConfig()
+_REF = ReferenceOptions()
+_UNSET = argparse.SUPPRESS  # options not typed are absent from the namespace: the preset, then the defaults, apply
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    """'20' or '10,15,20' → (10, 15, 20); 'none' or '' → ()."""
-    if text.strip().lower() in ("", "none", "off"):
-        return ()
+    """'20' or '10,15,20' → (10, 15, 20); 'none' or '' → () (:func:`~ditflow.config.parse_blocks`)."""
     try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected block numbers like 20 or 10,15,20, got {text!r}") from None
+        return parse_blocks(text)
+    except DiTFlowError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _on_off(text: str) -> bool:
+    if text not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"expected on or off, got {text!r}")
+    return text == "on"
 
 
 def _frame_count(text: str) -> int | str:
@@ -75,81 +91,121 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="same as --gradient-checkpointing off")
 
 
-def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False) -> None:
-    """The reference video and how its frames are taken; for ``inject`` (``replay``) everything is optional and
-    defaults to what the embeddings file recorded."""
+def _add_preset_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="paper", choices=list(PRESETS),
+                   help="paper (default): the paper's settings where it gives them, ours elsewhere; authors: the "
+                   "authors' code's protocol (CFG 7, their negative prompt, the first 24 frames stretched to 720×480, "
+                   "a posterior sample of the reference). Options given explicitly override the preset; the README "
+                   "lists which setting comes from where")
+
+
+def _add_reference_args(p: argparse.ArgumentParser, *, replay: bool = False, frames: bool = True) -> None:
+    """The reference video and how its frames are taken. For ``inject`` (``replay``) the video is optional and the
+    frames default to what the embeddings file recorded; ``bench-eval`` (``frames=False``) takes them from its
+    manifest."""
     r = p.add_argument_group("reference video" + (" (optional: KV injection in the saved steps)" if replay else ""))
+    note = " (default: as recorded in the embeddings file)" if replay else ""
     if replay:
         r.add_argument("--video", default=None, help="the reference the embeddings were made from: turns on KV "
                        "injection (see --kv-injection); frames and size default to those recorded in the embeddings")
-        default = dict(num_frames=None, height=None, width=None, start=None, stride=None, resize=None)
-        note = " (default: as recorded in the embeddings file)"
-    else:
+    elif frames:
         source = r.add_mutually_exclusive_group(required=True)
         source.add_argument("--video", help="mp4/webm/mov/gif file or a folder of frames")
         source.add_argument("--flow", help="instead of a video, a flow field to follow: the flow.safetensors of "
                             "'poke' (each 16 px patch moves in a straight line by its mean flow from the first to the "
                             "last frame; no KV injection); --num-frames auto is 49, --resize fits the poked image")
-        ref = ReferenceOptions()
-        default = dict(num_frames=ref.num_frames, height=ref.height, width=ref.width, start=ref.start,
-                       stride=ref.stride, resize=ref.resize)
-        note = ""
-    r.add_argument("--num-frames", type=_frame_count, default=default["num_frames"],
-                   help="frames to use, 4k+1 and at least 5, or auto: the largest 4k+1 the clip gives after --start "
-                   "and --stride, at most 49 (the models' native count; the paper runs 24); the choice is printed "
-                   "and kept in run.json" + (note or " (default auto)"))
-    r.add_argument("--height", type=int, default=default["height"], help=f"height in px, multiple of 16{note or ' (default 480)'}")
-    r.add_argument("--width", type=int, default=default["width"], help=f"width in px, multiple of 16{note or ' (default 720)'}")
-    r.add_argument("--start", type=int, default=default["start"], help=f"first frame index{note or ' (default 0)'}")
-    r.add_argument("--stride", type=int, default=default["stride"], help=f"take every n-th frame{note or ' (default 1)'}")
-    r.add_argument("--resize", default=default["resize"], choices=["crop", "stretch", "pad"],
-                   help=f"fit to the size by centre crop keeping aspect, stretch, or pad{note or ' (default crop)'}")
-    r.add_argument("--reference-sample-seed", type=int, default=None,
-                   help="encode the reference with a seeded posterior sample instead of the posterior mean"
-                   + (" (default: as recorded)" if replay else ""))
-    r.add_argument("--image", default=None,
-                   help="image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V): the start frame, an image "
-                   "file (png/jpg/webp) or a video's first frame, fitted to the size like the reference (default: the "
-                   "reference's first frame" + ("; without --video it is needed" if replay else "; with --flow it is needed: the "
-                   "poked image") + ")")
-    if not replay:
+    if frames:
+        r.add_argument("--num-frames", dest="num_frames", type=_frame_count, default=_UNSET,
+                       help="frames to use: 4k+1 or a multiple of 8 (the authors' 24), at least 5; or auto: the "
+                       "largest 4k+1 the clip gives after --start and --stride, at most 49 (the models' native count; "
+                       "the paper runs 24); the choice is printed and kept in run.json"
+                       + (note or " (default auto; the authors preset: 24)"))
+    r.add_argument("--height", type=int, default=_UNSET, help=f"height in px, multiple of 16{note or f' (default {_REF.height})'}")
+    r.add_argument("--width", type=int, default=_UNSET, help=f"width in px, multiple of 16{note or f' (default {_REF.width})'}")
+    if frames:
+        r.add_argument("--start", type=int, default=_UNSET, help=f"first frame index{note or ' (default 0)'}")
+        r.add_argument("--stride", type=int, default=_UNSET, help=f"take every n-th frame{note or ' (default 1)'}")
+    r.add_argument("--resize", default=_UNSET, choices=["crop", "stretch", "pad"],
+                   help="fit to the size by centre crop keeping aspect, stretch (the authors'), or pad"
+                   + (note or " (default crop)"))
+    r.add_argument("--reference-sample-seed", dest="sample_seed", type=int, default=_UNSET,
+                   help="encode the reference with a posterior sample drawn from this seed instead of the posterior "
+                   "mean (the authors sample, unseeded)" + (note or ""))
+    if frames:
+        r.add_argument("--image", default=None,
+                       help="image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V): the start frame, an image "
+                       "file (png/jpg/webp) or a video's first frame, fitted to the size like the reference (default: "
+                       "the reference's first frame" + ("; without --video it is needed" if replay else "; with --flow it is "
+                       "needed: the poked image") + ")")
+    if frames and not replay:
         f = p.add_argument_group("motion from a flow (--flow)")
         f.add_argument("--flow-scale", type=float, default=1.0, help="multiplies the flow (default 1)")
         f.add_argument("--min-motion", type=float, default=0.0, help="patches moving less than this many px over "
                        "the clip get no target (left free) instead of being held still (default 0)")
 
 
-def _reference_options(args, embeds=None):
-    """ReferenceOptions from the command line; for a replay, unset options come from ``embeds`` (if recorded)."""
-    from .jobs import ReferenceOptions, replay_reference
+def _add_guidance_args(p: argparse.ArgumentParser, *, mode: bool = True, kv: bool = True) -> None:
+    """Every :class:`~ditflow.config.GuidanceConfig` option; defaults shown are the paper's (the ``paper`` preset)."""
+    g = p.add_argument_group("guidance (paper defaults: DiTFlow §4.3, §5.1)")
+    if mode:
+        g.add_argument("--mode", default=_UNSET, choices=[m.value for m in Mode],
+                       help="latent: optimise z_t (best motion); rope: RoPE tables (5B, I2V and 1.5 models), posemb: "
+                       "sin-cos table (2B); "
+                       "all three are saved for reuse with 'inject'; none: no optimisation ('backbone' with "
+                       "--kv-injection none, the 'injection only' baseline with KV injection on). Default latent")
+        g.add_argument("--loss", default=_UNSET, choices=[x.value for x in Loss],
+                       help="what the optimisation matches at the guidance block(s): amf = Attention Motion Flow "
+                       "(DiTFlow, default); moft = MOFT's motion channels of the block output; smm = SMM's "
+                       "spatial-mean differences of the block output (the paper's baselines, ported to the DiT)")
+    g.add_argument("--steps", dest="num_inference_steps", type=int, default=_UNSET,
+                   help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
+    g.add_argument("--guidance-blocks", dest="guidance_blocks", type=_ints, default=_UNSET,
+                   help="block(s) whose attention gives the AMF (or whose output gives the MOFT/SMM features), e.g. "
+                   "20 or 10,15,20 (default the model's: "
+                   f"{', '.join(f'{d.guidance_block} on {k}' for k, (_, _, d) in VARIANT_INFO.items())})")
+    g.add_argument("--temperature", type=float, default=_UNSET,
+                   help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
+    g.add_argument("--guidance-fraction", dest="guidance_fraction", type=float, default=_UNSET,
+                   help=f"leading fraction of steps that are guided (default {_DEFAULTS.guidance_fraction})")
+    g.add_argument("--opt-steps", dest="opt_steps", type=int, default=_UNSET,
+                   help=f"optimiser iterations per guided step (default {_DEFAULTS.opt_steps})")
+    g.add_argument("--lr-start", dest="lr_start", type=float, default=_UNSET, help=f"default {_DEFAULTS.lr_start}")
+    g.add_argument("--lr-end", dest="lr_end", type=float, default=_UNSET,
+                   help=f"learning rate of the last guided step (default {_DEFAULTS.lr_end})")
+    g.add_argument("--optimizer", default=_UNSET, choices=[o.value for o in Optimizer],
+                   help="optimiser of each guided step, fresh per step with PyTorch's defaults (default adam; adamw "
+                   "and sgd are the paper's Table 3c ablation)")
+    g.add_argument("--soft-reference", dest="soft_reference", action="store_const", const=True, default=_UNSET,
+                   help="reference AMF by soft-argmax instead of argmax (ablation; default argmax)")
+    g.add_argument("--unmasked-loss", dest="masked_loss", action="store_const", const=False, default=_UNSET,
+                   help="average the AMF loss over every entry, not only where the reference moves (ablation)")
+    if kv:
+        g.add_argument("--kv-injection", dest="kv_injection_blocks", type=_ints, default=_UNSET,
+                       help="block(s) where the reference K/V replace the generated ones during guided steps "
+                       "(default 0); 'none' turns KV injection off")
 
-    given = {k: getattr(args, k) for k in ("num_frames", "height", "width", "start", "stride", "resize")}
-    given["sample_seed"] = args.reference_sample_seed
-    if embeds is None:
-        return ReferenceOptions(**given)
-    base = dataclasses.asdict(replay_reference(embeds))
-    return ReferenceOptions(**{**base, **{k: v for k, v in given.items() if v is not None}})
 
-
-def _add_sampling_args(p: argparse.ArgumentParser, *, steps: bool) -> None:
+def _add_sampling_args(p: argparse.ArgumentParser, *, replay: bool = False, out: bool = True) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", required=True, help="target prompt")
-    g.add_argument("--negative-prompt", default="", help="negative prompt (default empty, as diffusers)")
-    g.add_argument("--seed", type=int, default=0 if steps else None,
+    if out:
+        g.add_argument("--prompt", required=True, help="target prompt")
+    g.add_argument("--negative-prompt", dest="negative_prompt", default=_UNSET,
+                   help="negative prompt (default empty, as diffusers; the authors preset sets theirs)")
+    g.add_argument("--seed", type=int, default=None if replay else 0,
                    help="seed of the initial noise; bit-reproducible on CPU (default "
-                   + ("0)" if steps else "the one recorded in the embeddings file, else 0)"))
-    if steps:
-        g.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
-                       help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
-    g.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default 6)")
-    g.add_argument("--dynamic-cfg", choices=["on", "off"], default=None,
+                   + ("the one recorded in the embeddings file, else 0)" if replay else "0)"))
+    g.add_argument("--cfg", dest="guidance_scale", type=float, default=_UNSET,
+                   help="classifier-free guidance scale (default 6; the authors preset: 7)")
+    g.add_argument("--dynamic-cfg", dest="dynamic_cfg", type=_on_off, default=_UNSET, metavar="{on,off}",
                    help="cosine-ramped CFG (default: on for 5B, off for 2B, as diffusers)")
-    g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the reference's "
-                   "fps divided by the stride; for inject and --flow the model's: 8, or 16 on CogVideoX 1.5)")
-    g.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
-                   "run succeeds, and a failed or interrupted run leaves it as it was")
-    g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a whole, "
-                   "when this run succeeds; never when --out holds one of the inputs)")
+    if out:
+        g.add_argument("--fps", type=float, default=None, help="frame rate of the written videos (default: the "
+                       "reference's fps divided by the stride; for inject and --flow the model's: 8, or 16 on "
+                       "CogVideoX 1.5)")
+        g.add_argument("--out", required=True, help="output folder: new or empty; its files appear together when the "
+                       "run succeeds, and a failed or interrupted run leaves it as it was")
+        g.add_argument("--overwrite", action="store_true", help="replace the contents of a non-empty --out (as a "
+                       "whole, when this run succeeds; never when --out holds one of the inputs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,50 +213,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("transfer", help="re-create a reference video's motion with a new prompt",
-                       description="Motion transfer: writes result.mp4, reference.mp4, run.json and, for modes "
-                       "rope/posemb, embeds.safetensors into --out; with --flow (motion from pokes) result.mp4 and "
-                       "run.json.")
+                       description="Motion transfer: writes result.mp4, reference.mp4, run.json and "
+                       "embeds.safetensors (the optimised ρ or z_t per guided step) into --out; with --flow (motion "
+                       "from pokes) result.mp4 and run.json.")
     _add_model_args(t)
+    _add_preset_arg(t)
     _add_reference_args(t)
-    _add_sampling_args(t, steps=True)
-    g = t.add_argument_group("guidance (paper defaults: DiTFlow §4.3, §5.1)")
-    g.add_argument("--mode", default=_DEFAULTS.mode.value, choices=[m.value for m in Mode],
-                   help="latent: optimise z_t (best motion); rope: RoPE tables (5B, I2V and 1.5 models), posemb: sin-cos "
-                   "table (2B) — "
-                   "both saved for reuse with 'inject'; none: no optimisation ('backbone' with --kv-injection none, "
-                   "the 'injection only' baseline with KV injection on). Default latent")
-    g.add_argument("--loss", default=_DEFAULTS.loss.value, choices=[x.value for x in Loss],
-                   help="what the optimisation matches at the guidance block(s): amf = Attention Motion Flow "
-                   "(DiTFlow, default); moft = MOFT's motion channels of the block output; smm = SMM's "
-                   "spatial-mean differences of the block output (the paper's baselines, ported to the DiT)")
-    g.add_argument("--guidance-blocks", type=_ints, default=(),
-                   help=f"block(s) whose attention gives the AMF (or whose output gives the MOFT/SMM features), e.g. 20 or 10,15,20 (default "
-                   f"the model's: {', '.join(f'{d.guidance_block} on {k}' for k, (_, _, d) in VARIANT_INFO.items())})")
-    g.add_argument("--temperature", type=float, default=_DEFAULTS.temperature,
-                   help=f"softmax temperature τ of the AMF (default {_DEFAULTS.temperature})")
-    g.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
-                   help=f"leading fraction of steps that are guided (default {_DEFAULTS.guidance_fraction})")
-    g.add_argument("--opt-steps", type=int, default=_DEFAULTS.opt_steps,
-                   help=f"Adam iterations per guided step (default {_DEFAULTS.opt_steps})")
-    g.add_argument("--lr-start", type=float, default=_DEFAULTS.lr_start, help=f"default {_DEFAULTS.lr_start}")
-    g.add_argument("--lr-end", type=float, default=_DEFAULTS.lr_end,
-                   help=f"learning rate of the last guided step (default {_DEFAULTS.lr_end})")
-    g.add_argument("--kv-injection", type=_ints, default=_DEFAULTS.kv_injection_blocks,
-                   help="block(s) where the reference K/V replace the generated ones during guided steps "
-                   "(default 0); 'none' turns KV injection off")
+    _add_sampling_args(t)
+    _add_guidance_args(t)
 
     i = sub.add_parser("inject", help="generate with saved embeddings and a new prompt (no optimisation)",
-                       description="Zero-shot injection of embeddings saved by 'transfer --mode rope|posemb': writes "
-                       "result.mp4 and run.json into --out. Steps and size come from the embeddings file. With "
-                       "--video (the reference they were made from) the saved steps also run KV injection, as the "
-                       "authors' --inject_embeds does.")
+                       description="Zero-shot injection of what 'transfer' saved (RoPE/sin-cos tables, or the z_t "
+                       "trajectory): writes result.mp4 and run.json into --out. Steps and size come from the "
+                       "embeddings file. With --video (the reference they were made from) the saved steps also run KV "
+                       "injection, as the authors' --inject_embeds does.")
     _add_model_args(i)
+    _add_preset_arg(i)
     i.add_argument("--embeds", required=True, help="embeds.safetensors written by 'transfer'")
     _add_reference_args(i, replay=True)
-    i.add_argument("--kv-injection", type=_ints, default=_DEFAULTS.kv_injection_blocks,
+    i.add_argument("--kv-injection", dest="kv_injection_blocks", type=_ints, default=_UNSET,
                    help="with --video: block(s) where the reference K/V replace the generated ones in the saved steps "
                    "(default 0, as the authors' --inject_embeds); 'none' turns KV injection off")
-    _add_sampling_args(i, steps=False)
+    _add_sampling_args(i, replay=True)
 
     d = sub.add_parser("download", help="fetch a CogVideoX model from the Hugging Face hub (configs and safetensors)",
                        description="Downloads what is missing of a hub model (configs, safetensors weights and the "
@@ -234,26 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
                        "Methods: ditflow (latent, AMF), smm and moft (latent, that loss), injection ('injection "
                        "only': mode none with KV injection) and backbone (mode none, no KV injection).")
     _add_model_args(b)
-    b.add_argument("--manifest", required=True, help="JSON manifest (see ditflow/evaluation.py; example: "
-                   "benchmarks/manifests/bmx_manifest.json); video paths relative to the manifest's folder")
+    _add_preset_arg(b)
+    b.add_argument("--manifest", required=True, help="JSON manifest (see ditflow/evaluation.py; the paper's 50 DAVIS "
+                   "clips: benchmarks/manifests/davis_paper.json with --davis-root)")
+    b.add_argument("--davis-root", default=None, help="a local DAVIS 2017 copy (the folder holding "
+                   "JPEGImages/480p/<clip>/) for manifests that name DAVIS clips; DAVIS is not redistributed here")
     b.add_argument("--methods", default="ditflow,smm,moft,injection,backbone",
                    help="comma-separated subset of ditflow,smm,moft,injection,backbone (default: all)")
     b.add_argument("--out", required=True, help="output folder")
-    b.add_argument("--height", type=int, default=480, help="generation height in px (default 480)")
-    b.add_argument("--width", type=int, default=720, help="generation width in px (default 720)")
+    _add_reference_args(b, frames=False)
     b.add_argument("--max-frames", type=int, default=None, help="cap on frames per clip; the first 4k+1 frames of "
-                   "each range are used (24 → 21; default: no cap)")
-    b.add_argument("--steps", type=int, default=_DEFAULTS.num_inference_steps,
-                   help=f"denoising steps (default {_DEFAULTS.num_inference_steps})")
-    b.add_argument("--guidance-blocks", type=_ints, default=(), help="guidance block(s) (default: the model's)")
-    b.add_argument("--guidance-fraction", type=float, default=_DEFAULTS.guidance_fraction,
-                   help=f"leading fraction of guided steps (default {_DEFAULTS.guidance_fraction})")
-    b.add_argument("--opt-steps", type=int, default=_DEFAULTS.opt_steps,
-                   help=f"Adam iterations per guided step (default {_DEFAULTS.opt_steps})")
-    b.add_argument("--lr-start", type=float, default=_DEFAULTS.lr_start, help=f"default {_DEFAULTS.lr_start}")
-    b.add_argument("--lr-end", type=float, default=_DEFAULTS.lr_end, help=f"default {_DEFAULTS.lr_end}")
-    b.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
-    b.add_argument("--negative-prompt", default="", help="negative prompt (default empty)")
+                   "each range are used (24 → 21; the authors preset keeps all 24; default: no cap)")
+    _add_guidance_args(b, mode=False, kv=False)
+    _add_sampling_args(b, out=False)
     _add_metric_args(b)
     b.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="distribute items over a Ray cluster ('auto', 'ray://host:10001', or 'local'); needs the "
@@ -351,6 +378,11 @@ def _add_metric_args(p: argparse.ArgumentParser) -> None:
                    "cotracker when on disk, else flow (default)")
     g.add_argument("--cotracker-checkpoint", default=None, help="path of CoTracker3's scaled_offline.pth")
     g.add_argument("--grid-size", type=int, default=55, help="tracked points per side (paper: 55)")
+    g.add_argument("--mf-variant", default=MFVariant.OFFICIAL.value, choices=[v.value for v in MFVariant],
+                   help="Motion Fidelity formula: official = SMM's and DiTFlow's evaluation code (generated → "
+                   "reference, own-point match subtracted, first frames; comparable with the paper's Table 1, "
+                   "default); symmetric = the SMM paper's both-ways mean; ours = generated → reference on "
+                   "resampled frames (see ditflow/metrics.py)")
     g.add_argument("--clip-model", default=None, help="folder of openai/clip-vit-base-patch32 for IQ (default: the "
                    "local Hugging Face cache, and IQ is skipped, with the reason, when it lacks the weights; a folder "
                    "given here that cannot be loaded is an error)")
@@ -363,10 +395,10 @@ def _evaluate(args) -> None:
     ref, _ = load_video(args.reference, max_frames=args.max_frames)
     gen, _ = load_video(args.generated, max_frames=args.max_frames)
     mf = motion_fidelity(ref, gen, grid_size=args.grid_size, tracker=args.tracker,
-                         cotracker_checkpoint=args.cotracker_checkpoint, size=args.size)
+                         cotracker_checkpoint=args.cotracker_checkpoint, size=args.size, variant=args.mf_variant)
     note = "" if mf.tracker != "flow" else "; weight-free optical flow, not comparable with the paper's CoTracker3 MF"
-    print(f"MF {mf.score:.4f}  (tracker: {mf.tracker}{note}; {len(mf.tracks_ref)} frames at "
-          f"{mf.size[0]}x{mf.size[1]}, {args.grid_size}x{args.grid_size} points)")
+    print(f"MF {mf.score:.4f}  (tracker: {mf.tracker}{note}; {len(mf.tracks_ref)} frames at {mf.size[0]}x{mf.size[1]}, "
+          f"{args.grid_size}x{args.grid_size} points; {args.mf_variant} formula)")
     if args.prompt is None:
         print("IQ skipped: no --prompt given")
         return
@@ -385,23 +417,33 @@ def _download(args) -> None:
 
     subfolders = ("scheduler", "vae", "transformer") if args.without_text_encoder else SUBFOLDERS
     print(download(args.model, local_dir=args.dir, subfolders=subfolders, log=_log))
+#: Namespace attributes that are :func:`~ditflow.config.settings` options (present only when typed: ``_UNSET``).
+#: ``gradient_checkpointing`` is the memory group's (auto|on|off, :mod:`ditflow.memory`), not a GuidanceConfig input.
+_SETTING_NAMES = (
+    {f.name for f in dataclasses.fields(GuidanceConfig)} | {f.name for f in dataclasses.fields(ReferenceOptions)}
+    | {"negative_prompt"}
+) - {"gradient_checkpointing"}
+
+
+def _given(args) -> dict:
+    """The settings options typed on the command line."""
+    return {k: v for k, v in vars(args).items() if k in _SETTING_NAMES}
 
 
 def _bench(args) -> None:
     from .evaluation import BenchOptions, run_benchmark
 
-    guidance = GuidanceConfig(
-        guidance_blocks=args.guidance_blocks, guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps,
-        lr_start=args.lr_start, lr_end=args.lr_end, num_inference_steps=args.steps,
-    )
+    chosen = settings(args.preset, **_given(args))
     options = BenchOptions(
         model=_model_options(args), methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        height=args.height, width=args.width, max_frames=args.max_frames, guidance=guidance, seed=args.seed,
-        negative_prompt=args.negative_prompt, grid_size=args.grid_size, tracker=args.tracker,
-        cotracker_checkpoint=args.cotracker_checkpoint, clip_model=args.clip_model,
+        height=chosen.reference.height, width=chosen.reference.width, resize=chosen.reference.resize,
+        sample_seed=chosen.reference.sample_seed, max_frames=args.max_frames, guidance=chosen.guidance, seed=args.seed,
+        negative_prompt=chosen.negative_prompt, grid_size=args.grid_size, tracker=args.tracker,
+        cotracker_checkpoint=args.cotracker_checkpoint, clip_model=args.clip_model, mf_variant=args.mf_variant,
+        clip_frames=chosen.clip_frames,
     )
     report = run_benchmark(args.manifest, options, args.out, ray_address=args.ray, ray_workers=args.ray_workers,
-                           log=_log)
+                           davis_root=args.davis_root, log=_log)
     print(report.table_md.read_text(), end="")
     print(f"ran {len(report.ran)}, skipped {len(report.skipped)} finished; table: {report.table_csv}", file=sys.stderr)
 
@@ -433,8 +475,23 @@ def _model_options(args):
     return ModelOptions(**kw)
 
 
-def _cfg_kwargs(args) -> dict:
-    return dict(guidance_scale=args.cfg, dynamic_cfg=None if args.dynamic_cfg is None else args.dynamic_cfg == "on")
+def _inject(args) -> dict:
+    from . import jobs
+    from .embeds import load_embeds
+
+    given = _given(args)
+    chosen = settings(args.preset, **{k: v for k, v in given.items() if k not in _REFERENCE_NAMES})
+    reference = None
+    if args.video:  # recorded frames, overridden by what was typed (the preset's frames do not apply to a replay)
+        recorded = dataclasses.asdict(jobs.replay_reference(load_embeds(args.embeds)))
+        reference = ReferenceOptions(**{**recorded, **{k: v for k, v in given.items() if k in _REFERENCE_NAMES}})
+    return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, video=args.video, image=args.image,
+                       reference=reference, negative_prompt=chosen.negative_prompt,
+                       config=dataclasses.replace(chosen.guidance, mode=Mode.NONE), seed=args.seed, fps=args.fps,
+                       overwrite=args.overwrite, callback=_Progress(), log=_log)
+
+
+_REFERENCE_NAMES = {f.name for f in dataclasses.fields(ReferenceOptions)}
 
 
 def _identity(path) -> tuple[int, int] | None:
@@ -520,29 +577,19 @@ def _run(args, jobs) -> dict | None:
     elif args.command == "bench-eval":
         _bench(args)
     elif args.command == "transfer":
-        config = GuidanceConfig(
-            mode=args.mode, loss=args.loss, guidance_blocks=args.guidance_blocks, temperature=args.temperature,
-            guidance_fraction=args.guidance_fraction, opt_steps=args.opt_steps, lr_start=args.lr_start,
-            lr_end=args.lr_end, kv_injection_blocks=args.kv_injection, num_inference_steps=args.steps,
-            **_cfg_kwargs(args),
-        )
+        chosen = settings(args.preset, **_given(args))
         if args.flow is not None:
-            target = jobs.FlowTarget(num_frames=args.num_frames, height=args.height, width=args.width,
-                                     fit=args.resize, scale=args.flow_scale, min_motion=args.min_motion)
+            ref = chosen.reference
+            target = jobs.FlowTarget(num_frames=ref.num_frames, height=ref.height, width=ref.width, fit=ref.resize,
+                                     scale=args.flow_scale, min_motion=args.min_motion)
             return jobs.transfer_flow(_model_options(args), args.flow, args.prompt, args.out, target=target,
-                                      image=args.image, negative_prompt=args.negative_prompt, config=config, seed=args.seed,
-                                      fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
-        reference = _reference_options(args)
+                                      image=args.image, negative_prompt=chosen.negative_prompt, config=chosen.guidance,
+                                      seed=args.seed, fps=args.fps, overwrite=args.overwrite, callback=_Progress(),
+                                      log=_log)
         return jobs.transfer(_model_options(args), args.video, args.prompt, args.out,
-                             negative_prompt=args.negative_prompt, reference=reference, config=config, seed=args.seed,
-                             fps=args.fps, overwrite=args.overwrite, image=args.image, callback=_Progress(),
-                             log=_log)
+                             negative_prompt=chosen.negative_prompt, reference=chosen.reference, config=chosen.guidance,
+                             seed=args.seed, fps=args.fps, overwrite=args.overwrite, image=args.image, callback=_Progress(),
+                             log=_log, preset=args.preset)
     else:
-        from .embeds import load_embeds
-
-        config = GuidanceConfig(mode=Mode.NONE, kv_injection_blocks=args.kv_injection, **_cfg_kwargs(args))
-        reference = _reference_options(args, load_embeds(args.embeds)) if args.video else None
-        return jobs.inject(_model_options(args), args.embeds, args.prompt, args.out, video=args.video, image=args.image,
-                           reference=reference, negative_prompt=args.negative_prompt, config=config, seed=args.seed,
-                           fps=args.fps, overwrite=args.overwrite, callback=_Progress(), log=_log)
+        return _inject(args)
     return None

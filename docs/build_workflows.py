@@ -122,7 +122,7 @@ def reference_chain(g, note, model=MODEL):
     comps = g.add("GetVideoComponents", (400, 700), size=(220, 80))
     text = g.add("DiTFlowTextEncode", (400, 20), {"prompt": PROMPT, "negative_prompt": ""}, size=(400, 260))
     enc = g.add("DiTFlowEncodeReference", (400, 340), REFERENCE, size=(320, 320))
-    amf = g.add("DiTFlowExtractAMF", (760, 340), {"block": 20, "temperature": 2.0}, size=(300, 110))
+    amf = g.add("DiTFlowExtractAMF", (760, 340), {"blocks": "20", "temperature": 2.0}, size=(300, 110))
     g.link(video, 0, comps, "video")
     g.link(load, 0, text, "model")
     g.link(load, 0, enc, "model")

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: Apache-2.0
-"""Saving and loading optimised positional embeddings (ditflow.embeds) in ComfyUI's folders."""
+"""Saving and loading optimised embeddings (ρ or the z_t trajectory; ditflow.embeds) in ComfyUI's folders."""
 
 from __future__ import annotations
 
@@ -20,12 +20,13 @@ class DiTFlowSaveEmbeds:
     FUNCTION = "save"
     RETURN_TYPES = ()
     OUTPUT_NODE = True
-    DESCRIPTION = "Saves optimised positional embeddings as .safetensors under the output folder for reuse."
+    DESCRIPTION = "Saves the optimised embeddings (ρ or the z_t trajectory) as .safetensors in the output folder for reuse."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "embeds": ("DITFLOW_EMBEDS", {"tooltip": "From the DiTFlow Guided Sampler in mode rope or posemb."}),
+            "embeds": ("DITFLOW_EMBEDS", {"tooltip": "From the DiTFlow Guided Sampler in mode rope, posemb "
+                         "(ρ) or latent (z_t trajectory)."}),
             "filename_prefix": ("STRING", {"default": DEFAULT_PREFIX, "tooltip": "Path under the output folder; "
                                 "a counter and .safetensors are appended. Files in output/ditflow/ are listed by "
                                 "DiTFlow Load Embeds."}),
@@ -36,8 +37,8 @@ class DiTFlowSaveEmbeds:
         from ditflow.embeds import save_embeds
 
         if embeds is None:
-            raise DiTFlowError("there are no embeddings to save: the sampler optimises and returns them only in "
-                               "mode rope (RoPE models: 5b, I2V, 1.5) or posemb (CogVideoX-2b) with an AMF connected.")
+            raise DiTFlowError("there are no embeddings to save: the sampler returns them only when it optimises "
+                               "(mode latent, rope on RoPE models: 5b, I2V, 1.5, or posemb on CogVideoX-2b, with an AMF connected).")
         filename_prefix = filename_prefix.strip() or DEFAULT_PREFIX  # empty: the default, not a hidden "._00001_"
         if os.path.basename(os.path.normpath(filename_prefix)).startswith("."):
             raise DiTFlowError(f"filename prefix {filename_prefix!r} would write a hidden file that DiTFlow Load "
@@ -64,7 +65,7 @@ class DiTFlowLoadEmbeds:
     RETURN_NAMES = ("embeds",)
     OUTPUT_TOOLTIPS = ("Positional embeddings per guided step, with the model variant, token grid and steps they "
                        "were optimised for (the sampler refuses a mismatch).",)
-    DESCRIPTION = "Loads positional embeddings saved by DiTFlow Save Embeds (models/ditflow_embeds or output/ditflow)."
+    DESCRIPTION = "Loads embeddings saved by DiTFlow Save Embeds (models/ditflow_embeds or output/ditflow)."
 
     @classmethod
     def INPUT_TYPES(cls):

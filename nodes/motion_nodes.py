@@ -64,23 +64,28 @@ class DiTFlowExtractAMF:
     RETURN_NAMES = ("amf",)
     OUTPUT_TOOLTIPS = ("The reference's Attention Motion Flow (per frame pair, a displacement per patch) and its "
                        "latents, for the DiTFlow Guided Sampler.",)
-    DESCRIPTION = "Reads the reference video's motion as Attention Motion Flow at one transformer block (§4.2)."
+    DESCRIPTION = "Reads the reference video's motion as Attention Motion Flow at one or more transformer blocks (§4.2)."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
             "model": ("COGVIDEOX", {"tooltip": MODEL_TOOLTIP}),
             "reference": ("LATENT", {"tooltip": "Encoded reference video from DiTFlow Encode Reference."}),
-            "block": ("INT", {"default": 20, "min": 0, "max": 99, "tooltip": "Transformer block whose attention gives "
-                      "the AMF (0-based). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
+            "blocks": ("STRING", {"default": "20", "tooltip": "Transformer block(s) whose attention gives the AMF "
+                       "(0-based), e.g. 20 or 10,15,20: several blocks average their losses (paper §5.3: {10, 15, 20} "
+                       "on 5B). Paper: 20 on CogVideoX-5b (42 blocks), 15 on -2b (30 blocks)."}),
             "temperature": ("FLOAT", {"default": 2.0, "min": 0.01, "max": 100.0, "step": 0.1, "tooltip": "τ scaling "
                             "the attention logits before the softmax (Eq. 3); paper: 2. The sampler uses the same."}),
             "loss": (["amf", "moft", "smm"], {"default": "amf", "tooltip": "The guidance loss this reference is for: "
                      "amf reads attention (DiTFlow); moft / smm read the block's output features (baselines). "
                      "Only that pass is run; set the sampler's loss to match."}),
+        }, "optional": {
+            "reference_amf": (["hard", "soft"], {"default": "hard", "tooltip": "hard: each patch's argmax match "
+                              "(paper); soft: the attention-weighted mean displacement (the authors' ablation switch)."}),
         }}
 
-    def extract(self, model, reference, block, temperature, loss="amf"):
+    def extract(self, model, reference, blocks, temperature, loss="amf", reference_amf="hard"):
+        from ditflow.config import parse_blocks
         from ditflow.layout import from_comfy_latent
         from ditflow.memory import reference_workspace, text_workspace
         from ditflow.reference import extract_reference, latent_grid
@@ -91,7 +96,8 @@ class DiTFlowExtractAMF:
         latents = from_comfy_latent(reference["samples"], model.bundle.vae_scaling_factor)
         workspace = reference_workspace(model.bundle, latent_grid(model.bundle, latents))
         bundle = model.use("transformer", memory_required=workspace)
-        return (extract_reference(bundle, latents, [block], temperature=temperature, loss=loss, empty_prompt=empty),)
+        return (extract_reference(bundle, latents, parse_blocks(blocks), temperature=temperature, loss=loss,
+                                  empty_prompt=empty, soft=reference_amf == "soft"),)
 
 
 class DiTFlowVisualizeAMF:

@@ -57,7 +57,8 @@ class DiTFlowGuidedSampler:
     RETURN_NAMES = ("latent", "embeds")
     OUTPUT_TOOLTIPS = (
         "Generated video latent [1, C, T, H, W] (raw VAE space) for CogVideoX Decode.",
-        "Optimised positional embeddings (modes rope/posemb) for DiTFlow Save Embeds; empty in other modes.",
+        "The optimised tensor per guided step (ρ in modes rope/posemb, the z_t trajectory in mode latent) for "
+        "DiTFlow Save Embeds; empty when nothing was optimised.",
     )
     DESCRIPTION = "Generates a CogVideoX video whose motion follows the reference AMF (DiTFlow Alg. 1)."
 
@@ -108,18 +109,23 @@ class DiTFlowGuidedSampler:
                 "amf": ("DITFLOW_AMF", {"tooltip": "Reference motion from DiTFlow Extract AMF: needed by modes "
                         "latent/rope/posemb and by KV injection. With embeddings connected too, it serves KV "
                         "injection in the saved steps (the authors' zero-shot default; same frames and size)."}),
-                "embeds": ("DITFLOW_EMBEDS", {"tooltip": "Saved positional embeddings (DiTFlow Load Embeds) to "
-                           "inject zero-shot with a new prompt: no AMF needed, no optimisation."}),
+                "embeds": ("DITFLOW_EMBEDS", {"tooltip": "Saved embeddings, ρ or a z_t trajectory (DiTFlow Load "
+                           "Embeds), to inject zero-shot with a new prompt: no AMF needed, no optimisation."}),
                 "start_image": ("IMAGE", {"tooltip": "Image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) "
                                 "only, and needed there: the first frame of the video (the first image of a batch; "
                                 "centre-cropped to the video's size). The reference video's first frame keeps its "
                                 "scene; another image moves a new scene the reference's way."}),
+                "optimizer": (["adam", "adamw", "sgd"], {"default": "adam", "tooltip": "Optimiser of each guided "
+                              "step, fresh each step with PyTorch's defaults (paper: Adam; AdamW and SGD are its "
+                              "Table 3c ablation)."}),
+                "masked_loss": ("BOOLEAN", {"default": True, "tooltip": "Average the AMF loss over the patches "
+                                "where the reference moves (paper); off averages over all of them (ablation)."}),
             },
         }
 
     def sample(self, model, conditioning, mode, steps, cfg, seed, guidance_fraction, opt_steps, lr_start, lr_end,
                kv_injection, kv_block, num_frames, width, height, amf=None, embeds=None, loss="amf",
-               gradient_checkpointing="auto", start_image=None):
+               gradient_checkpointing="auto", start_image=None, optimizer="adam", masked_loss=True):
         import dataclasses
 
         import comfy.model_management as mm
@@ -134,6 +140,7 @@ class DiTFlowGuidedSampler:
             mode=mode, loss=loss, num_inference_steps=steps, guidance_scale=cfg, guidance_fraction=guidance_fraction,
             opt_steps=opt_steps, lr_start=lr_start, lr_end=lr_end, kv_injection_blocks=(kv_block,) if kv_injection else (),
             temperature=amf.temperature if amf is not None and amf.amf else 2.0,
+            soft_reference=amf is not None and amf.soft, optimizer=optimizer, masked_loss=masked_loss,
         )
         size = size_from_inputs(model.bundle, num_frames, height, width, reference=amf, embeds=embeds)
         image = None

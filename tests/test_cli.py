@@ -68,12 +68,13 @@ def _transfer_then_inject(model_path, video, mode, tmp_path, extra=()):
     return out
 
 
-@pytest.mark.parametrize("family,mode", [("5b", "rope"), ("2b", "posemb")])
+@pytest.mark.parametrize("family,mode", [("5b", "rope"), ("2b", "posemb"), ("5b", "latent")])
 def test_inject_with_the_reference_video_replays_the_run_with_kv_injection(
     tiny_2b_path, tiny_5b_path, real_clip_path, tmp_path, monkeypatch, family, mode
 ):
     """The authors' --inject_embeds keeps KV injection on: given the reference, a replay with the same prompt and
-    seed is the transfer run itself (same K/V, same ρ, same steps); without it, KV injection is missing.
+    seed is the transfer run itself (same K/V, same ρ or z_t trajectory, same steps); without it, KV injection is
+    missing.
 
     Frames are compared as decoded by the VAE, before mp4 encoding (libx264 is not bit-reproducible across runs)."""
     import ditflow.jobs
@@ -130,7 +131,7 @@ def _error(capsys, argv, out):
 @pytest.mark.parametrize("case,args,message", [
     ("missing video", ["--video", "{tmp}/nope.mp4"], "does not exist"),
     ("too few frames", ["--video", "{bmx}", "--num-frames", "49"], "has 24 frames"),
-    ("frame count", ["--video", "{bmx}", "--num-frames", "8"], "4k+1"),
+    ("frame count", ["--video", "{bmx}", "--num-frames", "10"], "4k+1"),
     ("size", ["--video", "{bmx}", "--height", "250"], "multiple of 16"),
     ("block", ["--video", "{bmx}", "--guidance-blocks", "9"], "out of range"),
 ])
@@ -192,7 +193,8 @@ def test_help_documents_every_option():
     text = subprocess.run([sys.executable, "-m", "ditflow", "transfer", "--help"], capture_output=True, text=True,
                           check=True).stdout
     for option in ("--mode", "--guidance-blocks", "--temperature", "--kv-injection", "--lr-end", "--stride",
-                   "--offload", "--gradient-checkpointing"):
+                   "--offload", "--gradient-checkpointing", "--preset", "--optimizer", "--soft-reference",
+                   "--unmasked-loss"):
         assert option in text
 
 
@@ -270,3 +272,29 @@ def test_i2v_1_5_rope_transfer_replays_exactly_and_inject_needs_a_start_frame(ti
     err = _error(capsys, [*replay, "--out", str(tmp_path / "none")], tmp_path / "none")
     assert err == ("error: CogVideoX1.5-5B-I2V generates from a start image; give one with --image (or the reference "
                    "video with --video, whose first frame is then used).")
+
+
+def test_preset_authors_and_ablation_switches_reach_the_run(tiny_5b_path, real_clip_path, tmp_path):
+    """--preset authors sets CFG 7, their negative prompt, 24 stretched frames and a sampled reference; typed options
+    override it (here the size, for the tiny model); the ablation switches land in the run's guidance."""
+    from ditflow.config import AUTHORS_NEGATIVE_PROMPT
+
+    out = tmp_path / "out"
+    tiny = [a for a in TINY if a not in ("--num-frames", "9")]
+    assert main(["transfer", "--model", str(tiny_5b_path), "--video", str(real_clip_path), "--prompt", "a leopard",
+                 "--out", str(out), "--preset", "authors", *tiny, "--optimizer", "sgd", "--soft-reference",
+                 "--unmasked-loss"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    settings, guidance = run["settings"], run["guidance"]
+    assert settings["preset"] == "authors" and settings["negative_prompt"] == AUTHORS_NEGATIVE_PROMPT
+    assert settings["reference"] == {"num_frames": 24, "height": 64, "width": 96, "start": 0, "stride": 1,
+                                     "resize": "stretch", "sample_seed": 0}
+    assert guidance["guidance_scale"] == 7.0 and guidance["num_inference_steps"] == 4
+    assert (guidance["optimizer"], guidance["soft_reference"], guidance["masked_loss"]) == ("sgd", True, False)
+    assert _frames(out / "reference.mp4") == (24, 64, 96) and _frames(out / "result.mp4") == (24, 64, 96)
+
+
+def test_unknown_preset_is_refused_by_the_parser(capsys):
+    with pytest.raises(SystemExit):
+        main(["transfer", "--model", "m", "--video", "v", "--prompt", "p", "--out", "o", "--preset", "nope"])
+    assert "invalid choice: 'nope'" in capsys.readouterr().err

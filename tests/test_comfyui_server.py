@@ -39,7 +39,7 @@ pytestmark = pytest.mark.skipif(
 TINY = {
     "DiTFlowLoadCogVideoX": {"model": "tiny-5b", "precision": "fp32"},
     "DiTFlowEncodeReference": {"width": 96, "height": 64, "num_frames": 9, "stride": 2},
-    "DiTFlowExtractAMF": {"block": 1},
+    "DiTFlowExtractAMF": {"blocks": "1"},
     "DiTFlowGuidedSampler": {"steps": 4, "guidance_fraction": 0.5, "opt_steps": 2},  # size 0: from the AMF
     "DiTFlowVisualizeAMF": {"key_frame": 2},
 }
@@ -234,7 +234,7 @@ def test_a_library_error_reaches_the_ui_as_one_sentence(server, tmp_path):
         if node["class_type"] == "LoadVideo":
             node["inputs"]["file"] = "reference.mp4"
         if node["class_type"] == "DiTFlowEncodeReference":
-            node["inputs"]["num_frames"] = 8
+            node["inputs"]["num_frames"] = 7
     api.write_text(json.dumps(prompt))
     done = subprocess.run([*tool, str(api)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stdout
@@ -242,4 +242,5 @@ def test_a_library_error_reaches_the_ui_as_one_sentence(server, tmp_path):
     assert error["node_type"] == "DiTFlowEncodeReference"
     assert error["exception_type"].endswith("DiTFlowError")
     assert error["exception_message"].strip() == (
-        "frame count 8 is not of the form 4k+1 that CogVideoX needs; use 5 or 9 (49 is native).")
+        "frame count 7 is not of the form 4k+1 that CogVideoX needs; use 5 or 9 (49 is native; multiples of 8, such "
+        "as the authors' 24, also work).")

@@ -85,7 +85,7 @@ def chain_5b(N, models, reference_image):
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider in the trees", negative_prompt="")[0]
     latent, frames = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
                          num_frames=FRAMES, start=0, stride=2, resize="crop")
-    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, blocks="1", temperature=2.0)[0]
     return {"model": model, "cond": cond, "latent": latent, "frames": frames, "amf": amf}
 
 
@@ -168,7 +168,7 @@ def test_the_cotracker_checkpoint_is_a_choice_from_models_cotracker_never_a_serv
             messages.append(str(err.value).replace(path, "PATH"))
         assert len(set(messages)) == 1  # the answer does not reveal which paths exist
         score, _ = run(node, reference=frames, generated=frames, grid_size=4, tracker="flow",
-                       cotracker_checkpoint="scaled_offline.pth")
+                       cotracker_checkpoint="scaled_offline.pth", variant="ours")  # no own-point subtraction
         assert score == pytest.approx(1.0, abs=1e-4)
     finally:
         (folder / "scaled_offline.pth").unlink()
@@ -365,14 +365,29 @@ def test_embeds_with_the_reference_connected_replay_the_run_with_kv_injection(N,
     assert not torch.equal(without, rope_run["latent"]["samples"])
 
 
+def test_multi_block_soft_reference_and_the_ablation_switches(N, chain_5b):
+    """The Extract AMF node takes several blocks (their losses are averaged) and the soft reference; the sampler
+    follows the AMF's kind and takes the optimiser and loss-mask switches."""
+    amf = run(N["DiTFlowExtractAMF"], model=chain_5b["model"], reference=chain_5b["latent"], blocks="1, 2",
+              temperature=2.0, reference_amf="soft")[0]
+    assert amf.blocks == (1, 2) and amf.soft
+    assert not torch.equal(amf.amf[1], chain_5b["amf"].amf[1])  # soft-argmax, not argmax
+    out, _ = run(N["DiTFlowGuidedSampler"], model=chain_5b["model"], conditioning=chain_5b["cond"], mode="latent",
+                 amf=amf, optimizer="adamw", masked_loss=False, **FAST)
+    assert torch.isfinite(out["samples"]).all()
+    with pytest.raises(DiTFlowError, match="10,15,20"):
+        run(N["DiTFlowExtractAMF"], model=chain_5b["model"], reference=chain_5b["latent"], blocks="1;2",
+            temperature=2.0)
+
+
 def test_latent_mode_on_2b(N, models, reference_image):
     model = models["2b"]
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="blurry")[0]
     latent, _ = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
                     num_frames=FRAMES, start=0, stride=1, resize="pad")
-    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, blocks="1", temperature=2.0)[0]
     out, embeds = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", amf=amf, **FAST)
-    assert embeds is None
+    assert embeds is not None and embeds.mode.value == "latent" and len(embeds.tables) == 2  # the z_t trajectory
     assert run(N["DiTFlowDecode"], model=model, samples=out)[0].shape == (FRAMES, HEIGHT, WIDTH, 3)
 
 
@@ -412,7 +427,7 @@ def test_each_component_is_loaded_through_model_management_before_use(N, comfy, 
     run(N["DiTFlowTextEncode"], model=model, prompt="x", negative_prompt="")
     run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
         num_frames=FRAMES, start=0, stride=1, resize="stretch")
-    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], block=1, temperature=2.0)
+    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], blocks="1", temperature=2.0)
     names = {id(p): n for n, p in model.patchers.items()}
     assert [sorted(names[id(p)] for p in ps) for ps, _ in mm.loaded] == [
         ["text_encoder"], ["vae"], ["text_encoder"], ["transformer"]]  # AMF: T5 for "", then the transformer alone
@@ -445,7 +460,7 @@ def _guided_chain(N, model, reference_image, mode, loss):
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a bmx rider", negative_prompt="")[0]
     latent, _ = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
                     num_frames=FRAMES, start=0, stride=1, resize="crop")
-    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0, loss=loss)[0]
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, blocks="1", temperature=2.0, loss=loss)[0]
     # our own loads move outside inference mode: none of the three networks holds an inference tensor
     assert [_inference_tensors(model, c) for c in ("transformer", "vae", "text_encoder")] == [0, 0, 0]
     return run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode=mode, amf=amf, loss=loss, **FAST)
@@ -463,7 +478,7 @@ def test_every_guided_mode_runs_with_weights_moved_as_comfyui_moves_them(N, comf
         mm.unload_all_models()  # end of a previous prompt under --disable-smart-memory: evicted in inference mode
     latent, embeds = _guided_chain(N, model, reference_image, mode, loss)
     assert latent["samples"].shape == (1, 16, 3, 8, 12)
-    assert (embeds is not None) == (mode in ("rope", "posemb"))
+    assert embeds is not None and embeds.mode.value == mode  # ρ, or the z_t trajectory in mode latent
     assert _inference_tensors(model) == 0
 
 
@@ -486,7 +501,7 @@ def test_guided_sampler_runs_again_after_comfyui_evicts_and_reloads_the_model(N,
 def test_weights_moved_behind_comfyuis_back_are_repaired_by_the_sampler(N, comfy, chain_5b):
     mm = comfy["comfy.model_management"]
     model = chain_5b["model"]
-    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], block=1, temperature=2.0)
+    run(N["DiTFlowExtractAMF"], model=model, reference=chain_5b["latent"], blocks="1", temperature=2.0)
     with torch.inference_mode():  # another pack moves the module by hand: ComfyUI still counts it as loaded,
         mm.move(model.patchers["transformer"])  # so the sampler's load moves nothing
     assert model.patchers["transformer"] in mm.current_loaded_models and _inference_tensors(model) > 0
@@ -559,14 +574,14 @@ def test_nodes_declare_working_memory_and_the_sampler_checkpoints_only_when_comf
 
 
 def test_wrong_frame_count_is_one_readable_sentence(N, chain_5b, reference_image):
-    with pytest.raises(DiTFlowError, match=r"frame count 48 is not of the form 4k\+1.*use 45 or 49"):
+    with pytest.raises(DiTFlowError, match=r"frame count 47 is not of the form 4k\+1.*use 45 or 49"):
         run(N["DiTFlowEncodeReference"], model=chain_5b["model"], images=reference_image, width=WIDTH, height=HEIGHT,
-            num_frames=48, start=0, stride=1, resize="crop")
+            num_frames=47, start=0, stride=1, resize="crop")
 
 
 def test_block_out_of_range_names_the_models_range(N, chain_5b):
     with pytest.raises(DiTFlowError, match=r"guidance block 20 is out of range: this model has blocks 0\.\.3"):
-        run(N["DiTFlowExtractAMF"], model=chain_5b["model"], reference=chain_5b["latent"], block=20, temperature=2.0)
+        run(N["DiTFlowExtractAMF"], model=chain_5b["model"], reference=chain_5b["latent"], blocks="20", temperature=2.0)
 
 
 def test_embeds_from_another_model_are_refused(N, models, rope_run):
