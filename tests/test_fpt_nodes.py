@@ -155,6 +155,6 @@ def test_pokes_steer_the_guided_sampler_through_a_motion_target(N, fpt, embeddin
                          seed=0, guidance_fraction=0.5, opt_steps=3, lr_start=0.2, lr_end=0.1, kv_injection=True,
                          kv_block=0, num_frames=0, width=0, height=0, amf=target,
                          start_image=image if variant == "5b-i2v" else None)
-    assert latent["samples"].shape == (1, 16, 3, 8, 12) and embeds is None
+    assert latent["samples"].shape == (1, 16, 3, 8, 12) and embeds.mode.value == "latent"  # the z_t trajectory
     losses = [float(x) for x in re.findall(r"AMF loss ([\d.]+)", capsys.readouterr().out)]
     assert len(losses) == 6 and losses[2] < losses[0] and losses[5] < losses[3]
