@@ -108,6 +108,17 @@ def check_number(name: str, value, low: float, high: float, usual: str, *, low_o
     return number
 
 
+#: Largest seed: seeds are unsigned 64-bit integers (``torch.Generator.manual_seed``'s range, ComfyUI's seed widget).
+MAX_SEED = 2**64 - 1
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` if it is an integer in 0..:data:`MAX_SEED` (a bool is not); else raises :class:`DiTFlowError`."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise DiTFlowError(f"{name} must be an integer in 0..2^64−1, got {str(seed)[:40]}.")
+    return seed
+
+
 @dataclass(frozen=True)
 class GuidanceConfig:
     """Every knob of guided sampling, with the paper's defaults.
@@ -236,6 +247,10 @@ class ReferenceOptions:
     stride: int = 1
     resize: str = "crop"
     sample_seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sample_seed is not None:
+            check_seed(self.sample_seed, "the reference sample seed")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import Tensor
 
 from .backbones import VARIANT_KEYS
-from .config import Mode, ReferenceOptions
+from .config import MAX_SEED, Mode, ReferenceOptions, check_seed
 from .errors import DiTFlowError, check_finite
 from .files import atomic_path
 
@@ -97,7 +97,8 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
     """Writes ``embeds`` to ``path`` (``.safetensors``) atomically: a temp file renamed when complete.
 
     Raises:
-        DiTFlowError: if a table holds NaN/Inf or has blown up (they would make every injection black).
+        DiTFlowError: if a table holds NaN/Inf or has blown up (they would make every injection black), or the seed
+            is not an integer in 0..2^64−1.
     """
     from safetensors.torch import save_file
 
@@ -120,7 +121,7 @@ def save_embeds(path: str | os.PathLike, embeds: PositionEmbeds) -> Path:
         "reference_options": json.dumps(embeds.reference_options),
     }
     if embeds.seed is not None:
-        meta["seed"] = str(embeds.seed)
+        meta["seed"] = str(check_seed(embeds.seed, "the embeddings' seed"))
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
@@ -158,7 +159,7 @@ def _seed(path: Path, meta: dict[str, str]) -> int | None:
     text = meta.get("seed")
     if text is None:
         return None
-    if not (text.isascii() and text.isdigit()) or int(text) >= 2**64:
+    if not (text.isascii() and text.isdigit() and len(text) <= 20) or int(text) > MAX_SEED:  # 20 digits: 2^64 − 1
         raise DiTFlowError(f"{path} has seed = {text[:80]!r}, not an integer in 0..2^64−1; {_REMAKE}.")
     return int(text)
 

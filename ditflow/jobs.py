@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from . import __version__
-from .config import AUTO, GuidanceConfig, Mode, ReferenceOptions
+from .config import AUTO, GuidanceConfig, Mode, ReferenceOptions, check_seed
 from .embeds import PositionEmbeds, load_embeds, save_embeds
 from .errors import DiTFlowError, collected_warnings, collecting_warnings
 from .files import write_json
@@ -307,6 +307,7 @@ def transfer(
             loaded where possible; a run that goes non-finite; a failed write (``out_dir`` is then unchanged).
     """
     check_fps(fps)
+    check_seed(seed)
     out = OutputSet(out_dir, overwrite=overwrite, inputs=(video, model.path) + (() if image is None else (image,)))
     with out as folder:
         timings = {}
@@ -486,6 +487,8 @@ def inject(
         DiTFlowError: as for :func:`transfer`; embeddings that do not fit the model; a reference of another size.
     """
     check_fps(fps)  # None: the model's own rate (8 on CogVideoX 1.0, 16 on 1.5), known once it is loaded
+    if seed is not None:
+        check_seed(seed)
     inputs = (embeds_path, model.path) + (() if video is None else (video,)) + (() if image is None else (image,))
     out = OutputSet(out_dir, overwrite=overwrite, inputs=inputs)
     with out as folder:

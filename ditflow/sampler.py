@@ -33,7 +33,7 @@ from torch import Tensor
 
 from .attention import AttentionController
 from .backbones.base import Geometry
-from .config import GuidanceConfig, Mode
+from .config import GuidanceConfig, Mode, check_seed
 from .embeds import PositionEmbeds
 from .errors import DiTFlowError, check_finite
 from .inference_tensors import replace_inference_tensors
@@ -412,10 +412,11 @@ def sample(
             or the reference's first frame).
         callback: see :data:`Callback`.
     Raises:
-        DiTFlowError: incompatible grids, blocks, modes or embeddings; optimisation without a reference; a missing,
-            superfluous or mis-sized start image; a loss, optimised tensor or latent that turns NaN/Inf or blows up
-            (the message names the step and the fix).
+        DiTFlowError: a seed outside 0..2^64−1; incompatible grids, blocks, modes or embeddings; optimisation
+            without a reference; a missing, superfluous or mis-sized start image; a loss, optimised tensor or latent
+            that turns NaN/Inf or blows up (the message names the step and the fix).
     """
+    check_seed(seed)
     geometry, config, optimise = _check_inputs(model, config, reference, embeds, size, image)
     with torch.inference_mode(False):
         if optimise:  # weights moved under inference mode (ComfyUI) would fail the backward

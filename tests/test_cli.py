@@ -134,6 +134,9 @@ def _error(capsys, argv, out):
     ("frame count", ["--video", "{bmx}", "--num-frames", "10"], "4k+1"),
     ("size", ["--video", "{bmx}", "--height", "250"], "multiple of 16"),
     ("block", ["--video", "{bmx}", "--guidance-blocks", "9"], "out of range"),
+    ("negative seed", ["--video", "{bmx}", "--seed", "-1"], "seed must be an integer in 0..2^64−1, got -1."),
+    ("sample seed of 2^64", ["--video", "{bmx}", "--reference-sample-seed", str(2**64)],
+     "the reference sample seed must be an integer in 0..2^64−1"),
 ])
 def test_bad_transfer_input_is_one_clear_line(tiny_5b_path, bmx_path, tmp_path, capsys, case, args, message):
     out = tmp_path / "out"

@@ -70,3 +70,14 @@ def test_ablation_switches_default_to_the_paper():
     with pytest.raises(DiTFlowError, match="choose one of adam, adamw, sgd"):
         GuidanceConfig(optimizer="lbfgs")
 
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, 1.5, True, "3"])
+def test_seeds_are_unsigned_64_bit_integers(seed):
+    from ditflow.config import MAX_SEED, ReferenceOptions, check_seed
+
+    assert check_seed(0) == 0 and check_seed(MAX_SEED) == 2**64 - 1
+    with pytest.raises(DiTFlowError, match=r"^seed must be an integer in 0..2\^64−1, got "):
+        check_seed(seed)
+    with pytest.raises(DiTFlowError, match=r"^the reference sample seed must be an integer in 0..2\^64−1"):
+        ReferenceOptions(sample_seed=seed)

@@ -73,6 +73,8 @@ CASES = [
     ("z_t trajectory of rope shape", dict(mode="latent"), "needs [1, 'F', 'C', 'H', 'W'] [1, F, C, H, W] latents"),
     ("negative seed", dict(seed="-1"), "seed = '-1', not an integer"),
     ("seed not a number", dict(seed="x"), "seed = 'x', not an integer"),
+    ("seed of 2^64", dict(seed=str(2**64)), "seed = '18446744073709551616', not an integer in 0..2^64−1"),
+    ("seed of 5,000 digits", dict(seed="9" * 5000), "seed = '99999"),  # int() of it would raise ValueError
     ("reference options with an unknown field", dict(reference_options='{"frames": 9}'),
      "frames=9: the fields are num_frames"),
     ("reference options of the wrong type", dict(reference_options='{"num_frames": "9"}'), "num_frames='9'"),
@@ -91,6 +93,17 @@ def test_a_bad_embeddings_file_is_one_sentence(tmp_path, case, changes, phrase):
         load_embeds(path)
     message = str(err.value)
     assert str(path) in message and phrase in message and "\n" not in message
+
+
+@pytest.mark.parametrize("seed", [-1, 2**64, True])
+def test_a_seed_outside_64_bits_is_not_saved(tmp_path, seed):
+    """Every file stores its seed; one that load_embeds would refuse (or torch would wrap) is refused when saving."""
+    embeds = PositionEmbeds(Mode.ROPE, "5b", GRID, HEAD_DIM, 4, (999, 749), list(_tables().values()), seed=seed)
+    with pytest.raises(DiTFlowError, match=r"^the embeddings' seed must be an integer in 0..2\^64−1, got "):
+        save_embeds(tmp_path / "e.safetensors", embeds)
+    assert not (tmp_path / "e.safetensors").exists()
+    embeds.seed = 2**64 - 1  # the largest is kept exactly
+    assert load_embeds(save_embeds(tmp_path / "e.safetensors", embeds)).seed == 2**64 - 1
 
 
 def test_missing_metadata_is_named(tmp_path):

@@ -108,6 +108,17 @@ def test_cancel_mid_optimisation_restores_the_model(tiny_models, references, fam
         assert torch.equal(v, params_before[k]), k
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_outside_64_bits_is_refused_before_any_pass(tiny_models, references, seed, monkeypatch):
+    """torch would wrap -1 to 2^64 − 1 silently, and the embeddings file of the run could not be read back."""
+    import ditflow.sampler
+
+    monkeypatch.setattr(ditflow.sampler, "_GuidedRun", lambda *a, **k: pytest.fail("sampling started"))
+    model = tiny_models["5b"]
+    with pytest.raises(DiTFlowError, match=r"^seed must be an integer in 0..2\^64−1, got "):
+        sample(model, encode_prompt(model, "x"), GuidanceConfig(**FAST), reference=references["5b"], seed=seed)
+
+
 def test_optimisation_without_reference_is_refused(tiny_models):
     model = tiny_models["5b"]
     with pytest.raises(DiTFlowError, match="reference"):
