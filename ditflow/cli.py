@@ -389,9 +389,11 @@ def _add_metric_args(p: argparse.ArgumentParser) -> None:
 
 
 def _evaluate(args) -> None:
-    from .metrics import clip_score, load_clip, motion_fidelity
+    from .metrics import check_clip_folder, clip_score, load_clip, motion_fidelity
     from .video import load_video
 
+    if args.clip_model is not None and args.prompt is not None:  # a folder given that cannot serve: before any work
+        check_clip_folder(args.clip_model)
     ref, _ = load_video(args.reference, max_frames=args.max_frames)
     gen, _ = load_video(args.generated, max_frames=args.max_frames)
     mf = motion_fidelity(ref, gen, grid_size=args.grid_size, tracker=args.tracker,

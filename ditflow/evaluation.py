@@ -225,8 +225,9 @@ class BenchOptions:
         mf_variant: the Motion Fidelity formula (:class:`~ditflow.config.MFVariant`; default the official one).
         guidance: base settings every method starts from (steps, T_opt, blocks, ...; defaults: the paper's).
         grid_size, tracker, cotracker_checkpoint: MF tracking (paper: 55×55 CoTracker3; ``auto`` falls back to flow).
-        clip_model: folder of CLIP ViT-B/32 for IQ; ``None`` tries the local Hugging Face cache; if neither has the
-            weights, IQ is skipped and the reason recorded.
+        clip_model: folder of CLIP ViT-B/32 for IQ; ``None`` tries the local Hugging Face cache, and IQ is skipped
+            (the reason recorded) when it lacks the weights; a folder given here that cannot be loaded is an error,
+            raised by :func:`run_benchmark` before any work where the folder is missing or holds no safetensors.
     """
 
     model: ModelOptions
@@ -361,6 +362,8 @@ class Worker:
             try:
                 self._clip = load_clip(self.options.clip_model)
             except DiTFlowError as err:
+                if self.options.clip_model is not None:  # given explicitly: not a reason to skip IQ quietly
+                    raise
                 self._clip = str(err)
             except ImportError as err:  # pragma: no cover - transformers is a dependency
                 self._clip = f"transformers cannot load CLIP: {err}"
@@ -485,11 +488,16 @@ def run_benchmark(
         davis_root: a local DAVIS 2017 copy, for manifests whose entries name DAVIS clips.
         log: receives one line per item (default: silent).
     Raises:
-        DiTFlowError: bad manifest, options or videos (before any model is loaded); ``ray`` missing.
+        DiTFlowError: bad manifest, options (a ``clip_model`` folder that is missing or holds no safetensors) or
+            videos (before any model is loaded); a ``clip_model`` that fails to load; ``ray`` missing.
     """
     out = Path(out).expanduser()
     log = log or (lambda line: None)
     videos = load_manifest(manifest, davis_root)
+    if options.clip_model is not None:  # asked for explicitly: an error now, not IQ skipped after every generation
+        from .metrics import check_clip_folder
+
+        check_clip_folder(options.clip_model)
     _check_out(out)
     refs = _reference_frames(videos, options)  # reads and checks every clip before any model is loaded
     items = items_of(videos, options.methods)

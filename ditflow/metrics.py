@@ -212,6 +212,21 @@ def motion_fidelity(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_clip_folder(model_path: str | os.PathLike) -> None:
+    """Cheap checks of a CLIP folder given explicitly, before any work: it exists and holds safetensors weights.
+
+    Raises:
+        DiTFlowError: the folder is missing, or has no ``.safetensors`` file (one sentence saying what to do).
+    """
+    if not Path(model_path).is_dir():
+        raise DiTFlowError(f"CLIP model folder {model_path} does not exist; pass a folder with {CLIP_MODEL_ID}.")
+    if not any(Path(model_path).glob("*.safetensors")):
+        raise DiTFlowError(
+            f"CLIP model folder {model_path} has no .safetensors weights (a pytorch_model.bin pickle is never read); "
+            f"download model.safetensors of {CLIP_MODEL_ID} into it."
+        )
+
+
 def load_clip(model_path: str | os.PathLike | None = None):
     """Loads CLIP ViT-B/32 (``CLIPModel``, ``CLIPProcessor``) from local files only; never downloads.
 
@@ -225,14 +240,9 @@ def load_clip(model_path: str | os.PathLike | None = None):
     """
     from transformers import CLIPModel, CLIPProcessor
 
-    if model_path is not None and not Path(model_path).is_dir():
-        raise DiTFlowError(f"CLIP model folder {model_path} does not exist; pass a folder with {CLIP_MODEL_ID}.")
+    if model_path is not None:
+        check_clip_folder(model_path)
     source = str(model_path) if model_path is not None else CLIP_MODEL_ID
-    if model_path is not None and not any(Path(model_path).glob("*.safetensors")):
-        raise DiTFlowError(
-            f"CLIP model folder {model_path} has no .safetensors weights (a pytorch_model.bin pickle is never read); "
-            f"download model.safetensors of {CLIP_MODEL_ID} into it."
-        )
     try:
         model = CLIPModel.from_pretrained(source, local_files_only=True, use_safetensors=True)  # never a pickle
         processor = CLIPProcessor.from_pretrained(source, local_files_only=True)

@@ -42,6 +42,8 @@ def TINY_MODEL(path) -> ModelOptions:
 @pytest.fixture(autouse=True)
 def no_cotracker_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    # No CLIP in the default place either, whatever this machine's Hugging Face cache holds: IQ is skipped.
+    monkeypatch.setattr("ditflow.metrics.CLIP_MODEL_ID", "ditflow-tests/no-such-clip")
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +66,7 @@ def _cli_args(model, manifest, out, methods):
             "--manifest", str(manifest),
             "--methods", methods, "--out", str(out), "--height", "64", "--width", "96", "--max-frames", "9",
             "--steps", "2", "--guidance-fraction", "0.5", "--opt-steps", "2", "--guidance-blocks", "1",
-            "--grid-size", "11", "--tracker", "flow", "--clip-model", str(out / "no-clip")]
+            "--grid-size", "11", "--tracker", "flow"]
 
 
 def _count_samples(monkeypatch) -> list:
@@ -135,7 +137,7 @@ def test_bench_eval_writes_videos_records_and_table_then_skips_finished_items(
         assert (out / "videos" / f"pan_{method}_caption.{sid}.mp4").is_file()
         record = json.loads(_result(out, f"pan_{method}_caption").read_text())
         assert record["frames"] == 9 and record["tracker"] == "flow" and math.isfinite(record["mf"])
-        assert record["iq"] is None and "does not exist" in record["iq_skipped"]
+        assert record["iq"] is None and "CLIP weights not found locally" in record["iq_skipped"]
         assert record["settings_id"] == sid and record["settings"]["method"] == method
     assert json.loads(_result(out, "pan_ditflow_caption").read_text())["guidance"]["loss"] == "amf"
     rows = list(csv.DictReader((out / "table.csv").open()))
@@ -169,7 +171,7 @@ def _options(model, out, *, methods=("backbone",), steps=2, seed=0) -> BenchOpti
     return BenchOptions(model=TINY_MODEL(model), methods=methods, height=64, width=96, max_frames=9,
                         guidance=GuidanceConfig(num_inference_steps=steps, guidance_fraction=0.5, opt_steps=2,
                                                 guidance_blocks=(1,)),
-                        seed=seed, grid_size=11, tracker="flow", clip_model=str(out / "no-clip"))
+                        seed=seed, grid_size=11, tracker="flow")
 
 
 def test_resume_is_keyed_by_the_full_settings_and_the_table_names_them(tiny_5b_path, manifest, tmp_path, monkeypatch):
@@ -226,16 +228,41 @@ def test_bench_out_that_is_a_file_is_refused_before_the_model_loads(tiny_5b_path
     assert out.read_text() == "mine"
 
 
+@pytest.mark.parametrize("case", ["missing folder", "folder without safetensors"])
+def test_bench_eval_with_a_clip_model_that_cannot_serve_fails_before_any_work(tiny_5b_path, manifest, tmp_path, capsys,
+                                                                             monkeypatch, case):
+    """--clip-model given explicitly is an error when unusable (as for evaluate), not IQ quietly skipped after every
+    generation: exit 2, one sentence, before any video is read, any model loaded or --out created."""
+    import ditflow.evaluation
+    import ditflow.jobs
+    import ditflow.metrics
+
+    monkeypatch.setattr(ditflow.jobs, "load_for_run", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(ditflow.evaluation, "_reference_frames", lambda *a, **k: pytest.fail("a video was read"))
+    clip, out = tmp_path / "clip", tmp_path / "out"
+    if case == "folder without safetensors":
+        clip.mkdir()
+        (clip / "pytorch_model.bin").write_bytes(b"not read")
+    assert main([*_cli_args(tiny_5b_path, manifest, out, "backbone"), "--clip-model", str(clip)]) == 2
+    err = capsys.readouterr().err
+    clip_id = ditflow.metrics.CLIP_MODEL_ID  # openai/clip-vit-base-patch32, renamed for these tests
+    expected = (f"CLIP model folder {clip} does not exist; pass a folder with {clip_id}."
+                if case == "missing folder" else
+                f"CLIP model folder {clip} has no .safetensors weights (a pytorch_model.bin pickle is never read); "
+                f"download model.safetensors of {clip_id} into it.")
+    assert err.strip() == f"error: {expected}"
+    assert not out.exists()
+
+
 def test_bench_eval_over_a_local_two_worker_ray(tiny_5b_path, manifest, tmp_path):
     ray = pytest.importorskip("ray")
     env = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "HF_HUB_OFFLINE": "1",
-           "TORCH_HOME": str(tmp_path / "hub")}
+           "TORCH_HOME": str(tmp_path / "hub"), "HF_HUB_CACHE": str(tmp_path / "hf")}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
     try:
         options = BenchOptions(model=TINY_MODEL(tiny_5b_path),
                                methods=("injection", "backbone"), height=64, width=96, max_frames=9,
-                               guidance=GuidanceConfig(num_inference_steps=2), grid_size=11, tracker="flow",
-                               clip_model=str(tmp_path / "no-clip"))
+                               guidance=GuidanceConfig(num_inference_steps=2), grid_size=11, tracker="flow")
         report = run_benchmark(manifest, options, tmp_path / "out", ray_address="local", ray_workers=2)
     finally:
         ray.shutdown()
