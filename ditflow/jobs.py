@@ -393,6 +393,7 @@ def transfer_flow(
     if config.mode is Mode.NONE or Loss.parse(config.loss) is not Loss.AMF:
         raise DiTFlowError("a flow gives an AMF motion target: use --loss amf with --mode latent, rope or posemb.")
     check_fps(fps)  # None: the model's own rate (8 on CogVideoX 1.0, 16 on 1.5), known once it is loaded
+    check_seed(seed)
     size = (NATIVE_FRAMES if target.num_frames == AUTO else target.num_frames, target.height, target.width)
     out = OutputSet(out_dir, overwrite=overwrite, inputs=(flow_path, model.path) + (() if image is None else (image,)))
     with out as folder:
