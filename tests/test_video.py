@@ -371,19 +371,17 @@ def test_read_reference_auto_refuses_a_selection_too_short_for_motion(example_cl
 def test_the_authors_24_frames_encode_to_6_latent_frames(tiny_models):
     """24 frames (the paper's clips, the authors' preset) are whole VAE frame batches: 6 latent frames, like 21."""
     from ditflow.layout import latent_frames
-    from ditflow.reference import encode_video
 
     frames = prepare_reference(_levels([0.1 * i for i in range(30)], 64, 96), height=64, width=96, num_frames=24)
     assert frames.shape == (24, 3, 64, 96) and latent_frames(24) == latent_frames(21) == 6
-    assert encode_video(tiny_models["5b"], frames).shape == (1, 6, 16, 8, 12)
+    assert tiny_models["5b"].encode_video(frames).shape == (1, 6, 16, 8, 12)
 
 
 def test_even_latent_frame_counts_decode_to_four_frames_each(tiny_models):
     """diffusers' VAE decodes latent frames in pairs: 13 → 49 but 6 → 24 (the paper's clip length), not 21."""
     from ditflow.layout import decoded_frames
-    from ditflow.reference import decode_latents
 
     for latent, frames in ((3, 9), (6, 24)):
         z = torch.randn(1, latent, 16, 8, 12, generator=torch.Generator().manual_seed(0))
-        assert decode_latents(tiny_models["5b"], z).shape[0] == decoded_frames(latent) == frames
+        assert tiny_models["5b"].decode_latents(z).shape[0] == decoded_frames(latent) == frames
     assert decoded_frames(13) == 49
