@@ -153,7 +153,7 @@ def test_node_chain_runs_through_real_comfyui_and_again_after_eviction(real_comf
     cond = run("DiTFlowTextEncode", model=model, prompt="a leopard running", negative_prompt="")[0]
     latent = run("DiTFlowEncodeReference", model=model, images=_moving_square(), width=WIDTH, height=HEIGHT,
                  num_frames=FRAMES, start=0, stride=1, resize="crop")[0]
-    amf = run("DiTFlowExtractAMF", model=model, reference=latent, block=1, temperature=2.0)[0]
+    amf = run("DiTFlowExtractAMF", model=model, reference=latent, blocks="1", temperature=2.0)[0]
     sampler = dict(model=model, conditioning=cond, amf=amf, steps=4, cfg=6.0, seed=3, guidance_fraction=0.5,
                    opt_steps=2, lr_start=0.002, lr_end=0.001, kv_injection=True, kv_block=0, num_frames=FRAMES,
                    width=WIDTH, height=HEIGHT)

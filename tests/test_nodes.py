@@ -400,7 +400,7 @@ def test_image_to_video_chain_takes_its_start_frame_from_an_image_input(N, comfy
     cond = run(N["DiTFlowTextEncode"], model=model, prompt="a fox on a trail", negative_prompt="")[0]
     latent, frames = run(N["DiTFlowEncodeReference"], model=model, images=reference_image, width=WIDTH, height=HEIGHT,
                          num_frames=FRAMES, start=0, stride=2, resize="crop")
-    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, block=1, temperature=2.0)[0]
+    amf = run(N["DiTFlowExtractAMF"], model=model, reference=latent, blocks="1", temperature=2.0)[0]
     mm.loaded.clear()
     out, _ = run(N["DiTFlowGuidedSampler"], model=model, conditioning=cond, mode="latent", amf=amf,
                  start_image=frames, **FAST)

@@ -106,7 +106,7 @@ def test_guidance_lowers_the_amf_loss_at_every_guided_step(models, references, s
     assert len(result.losses) == 2
     for step_losses in result.losses:
         assert len(step_losses) == 3 and step_losses[-1] < step_losses[0]
-    assert (result.embeds is not None) == (mode == "rope")
+    assert result.embeds.mode.value == mode  # ρ, or the z_t trajectory (issue 10 item 7), for zero-shot replay
     assert result.latents.shape == (1, 3, 16, 8, 12)  # the video's latent frames, padding removed
 
 
